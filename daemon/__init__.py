@@ -1,0 +1,1 @@
+"""opacityd: the running service (CLI, config, logging, receiver, scheduler)."""

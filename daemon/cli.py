@@ -1,0 +1,147 @@
+"""The `opacityd` command line. ``main(argv) -> int`` is the console script."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from datetime import UTC, datetime
+
+import structlog
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from daemon.config import Config, load_config
+from daemon.exceptions import ConfigError
+from daemon.logs import configure_logging
+from db import migrate, queue
+from db.engine import create_db_engine, make_session_factory, unit_of_work
+
+EXIT_OK, EXIT_ERROR, EXIT_CONFIG = 0, 1, 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="opacityd", description=__doc__)
+    p.add_argument("-c", "--config", help="config file (default: $OPACITYD_CONFIG, else built-in defaults)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser("serve", help="run the DICOM receiver and the scheduler")
+    check = sub.add_parser("check-config", help="validate a config file and print the result")
+    check.add_argument("path", nargs="?", help="file to check (default: as --config)")
+    db = sub.add_parser("db", help="database maintenance")
+    db_sub = db.add_subparsers(dest="db_command", required=True, metavar="DB_COMMAND")
+    db_sub.add_parser("upgrade", help="apply pending schema migrations")
+    db_sub.add_parser("current", help="print the schema revision")
+    status = sub.add_parser("status", help="counts of studies, jobs and instances per state")
+    status.add_argument("--json", action="store_true")
+    studies = sub.add_parser("studies", help="recent studies with their state")
+    studies.add_argument("--limit", type=int, default=20)
+    studies.add_argument("--json", action="store_true")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        config = load_config(args.path if args.command == "check-config" and args.path
+                             else args.config)
+    except ConfigError as e:
+        print(f"opacityd: configuration error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    configure_logging(config.logging.level, config.logging.format,
+                      sys.stderr if args.command != "serve" else sys.stdout)
+    try:
+        return _dispatch(args, config)
+    except SQLAlchemyError as e:
+        structlog.get_logger("opacityd.cli").error("database_error", error=type(e).__name__,
+                                                   detail=str(e)[:300])
+        print(f"opacityd: database error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+def _dispatch(args: argparse.Namespace, config: Config) -> int:
+    if args.command == "check-config":
+        print(f"{config.source}: OK (state folder {config.state_dir}, "
+              f"AE {config.receiver.ae_title} on port {config.receiver.port})")
+        return EXIT_OK
+    if args.command == "serve":
+        from daemon.serve import serve
+
+        return serve(config)
+    if args.command == "db":
+        return _db(args, config)
+    if args.command == "status":
+        return _status(args, config)
+    if args.command == "studies":
+        return _studies(args, config)
+    raise AssertionError(args.command)  # argparse guarantees a known command
+
+
+def _db(args: argparse.Namespace, config: Config) -> int:
+    engine = create_db_engine(config.database_url, config.database.busy_timeout_ms)
+    try:
+        if args.db_command == "upgrade":
+            before, after = migrate.upgrade(engine)
+            print(f"schema: {before or 'empty'} -> {after}" if before != after
+                  else f"schema already at {after}")
+        else:
+            print(f"schema {migrate.current_revision(engine) or 'empty'} "
+                  f"(head {migrate.head_revision()})")
+    finally:
+        engine.dispose()
+    return EXIT_OK
+
+
+def _open_sessions(config: Config) -> tuple[Engine, sessionmaker[Session]]:
+    engine = create_db_engine(config.database_url, config.database.busy_timeout_ms)
+    if migrate.current_revision(engine) != migrate.head_revision():
+        migrate.upgrade(engine)
+    return engine, make_session_factory(engine)
+
+
+def _status(args: argparse.Namespace, config: Config) -> int:
+    engine, sessions = _open_sessions(config)
+    with unit_of_work(sessions) as session:
+        counts = queue.state_counts(session)
+    engine.dispose()
+    if args.json:
+        print(json.dumps(counts, indent=2))
+        return EXIT_OK
+    for group, values in counts.items():
+        print(f"{group:<10} " + "  ".join(f"{k}={v}" for k, v in values.items()))
+    return EXIT_OK
+
+
+def _age(ts: datetime) -> str:
+    seconds = int((datetime.now(UTC) - ts).total_seconds())
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def _studies(args: argparse.Namespace, config: Config) -> int:
+    engine, sessions = _open_sessions(config)
+    with unit_of_work(sessions) as session:
+        rows = queue.recent_studies(session, args.limit)
+    engine.dispose()
+    if args.json:
+        print(json.dumps([{
+            "study_uid": r.study_uid, "state": r.state.value, "revision": r.revision,
+            "instances": r.instances, "eligible": r.eligible,
+            "first_received_at": r.first_received_at.isoformat(),
+            "last_received_at": r.last_received_at.isoformat(),
+            "job_state": r.job_state.value if r.job_state else None,
+        } for r in rows], indent=2))
+        return EXIT_OK
+    print(f"{'STUDY UID':<64} {'STATE':<10} {'REV':>3} {'INST':>5} {'ELIG':>5} {'JOB':<10} LAST")
+    for r in rows:
+        print(f"{r.study_uid:<64} {r.state.value:<10} {r.revision:>3} {r.instances:>5} "
+              f"{r.eligible:>5} {(r.job_state.value if r.job_state else '-'):<10} "
+              f"{_age(r.last_received_at)} ago")
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

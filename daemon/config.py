@@ -1,0 +1,278 @@
+"""Configuration: read once at start, validated into a frozen typed object.
+
+The defaults below are the embedded defaults; ``config.toml`` at the top of
+the repository documents them and a test keeps the two identical. A bad value
+raises :class:`ConfigError` naming the key, the value and what is accepted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from daemon.exceptions import ConfigError
+
+ENV_CONFIG = "OPACITYD_CONFIG"
+ENV_STATE_DIR = "OPACITYD_STATE_DIR"
+
+IneligiblePolicy = Literal["keep", "discard"]
+UnknownPolicy = Literal["accept", "reject"]
+LogFormat = Literal["auto", "json", "console"]
+LogLevel = Literal["debug", "info", "warning", "error"]
+
+
+@dataclass(frozen=True)
+class PathsConfig:
+    state_dir: str = "state"
+    """Relative paths are resolved against the config file's folder."""
+
+
+@dataclass(frozen=True)
+class DatabaseConfig:
+    url: str = ""
+    """Empty: a SQLite file ``opacityd.sqlite3`` in the state folder."""
+    busy_timeout_ms: int = 10_000
+
+
+@dataclass(frozen=True)
+class PeerConfig:
+    ae_title: str = "*"
+    addresses: tuple[str, ...] = ()
+    """CIDR networks the peer may connect from; empty means any address."""
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    enabled: bool = False
+    certificate: str = ""
+    private_key: str = ""
+    ca_certificates: str = ""
+    require_client_certificate: bool = True
+
+
+@dataclass(frozen=True)
+class ReceiverConfig:
+    ae_title: str = "OPACITYD"
+    bind_address: str = "0.0.0.0"
+    port: int = 11112
+    max_associations: int = 10
+    max_pdu_size: int = 0
+    acse_timeout_s: float = 30.0
+    dimse_timeout_s: float = 60.0
+    network_timeout_s: float = 60.0
+    shutdown_grace_s: float = 30.0
+    accept_any_storage_class: bool = False
+    extra_sop_classes: tuple[str, ...] = ()
+    ineligible_instances: IneligiblePolicy = "keep"
+    peers: tuple[PeerConfig, ...] = (
+        PeerConfig(ae_title="*", addresses=("127.0.0.0/8", "::1/128")),
+    )
+    tls: TLSConfig = TLSConfig()
+
+
+@dataclass(frozen=True)
+class EligibilityConfig:
+    modalities: tuple[str, ...] = ("CR", "DX")
+    body_parts: tuple[str, ...] = ("CHEST", "THORAX", "LUNG", "PORT CHEST")
+    chest_keywords: tuple[str, ...] = ("chest", "thorax", "thx", "lung", "cxr", "torax", "tórax")
+    unknown_body_part: UnknownPolicy = "accept"
+    frontal_views: tuple[str, ...] = ("PA", "AP")
+    lateral_views: tuple[str, ...] = ("LL", "RL", "LATERAL", "LAT", "LLD", "RLD")
+    unknown_view: UnknownPolicy = "accept"
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    study_quiet_period_s: float = 5.0
+    check_interval_s: float = 1.0
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    level: LogLevel = "info"
+    format: LogFormat = "auto"
+
+
+@dataclass(frozen=True)
+class Config:
+    paths: PathsConfig = PathsConfig()
+    database: DatabaseConfig = DatabaseConfig()
+    receiver: ReceiverConfig = ReceiverConfig()
+    eligibility: EligibilityConfig = EligibilityConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
+    logging: LoggingConfig = LoggingConfig()
+    source: str = field(default="<embedded defaults>", compare=False)
+
+    @property
+    def state_dir(self) -> Path:
+        return Path(self.paths.state_dir)
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.state_dir / "spool"
+
+    @property
+    def database_url(self) -> str:
+        if self.database.url:
+            return self.database.url
+        return f"sqlite:///{self.state_dir / 'opacityd.sqlite3'}"
+
+
+def load_config(path: str | Path | None = None, env: typing.Mapping[str, str] | None = None) -> Config:
+    """Read and validate the configuration.
+
+    ``path`` wins over ``$OPACITYD_CONFIG``; with neither, the embedded
+    defaults are used. ``$OPACITYD_STATE_DIR`` overrides ``paths.state_dir``.
+    Returns a frozen :class:`Config`; raises :class:`ConfigError`.
+    """
+    env = os.environ if env is None else env
+    chosen = path if path is not None else env.get(ENV_CONFIG) or None
+    raw: dict[str, Any] = {}
+    base_dir = Path.cwd()
+    source = "<embedded defaults>"
+    if chosen is not None:
+        cfg_path = Path(chosen)
+        try:
+            with cfg_path.open("rb") as fh:
+                raw = tomllib.load(fh)
+        except FileNotFoundError as e:
+            raise ConfigError(f"config file {cfg_path} does not exist") from e
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {cfg_path} is not valid TOML: {e}") from e
+        base_dir = cfg_path.resolve().parent
+        source = str(cfg_path)
+    config = _build(Config, raw, "")
+    state_dir = env.get(ENV_STATE_DIR) or config.paths.state_dir
+    state_path = Path(state_dir)
+    if not state_path.is_absolute():
+        state_path = base_dir / state_path
+    config = dataclasses.replace(
+        config, paths=PathsConfig(state_dir=str(state_path)), source=source
+    )
+    _check_semantics(config)
+    return config
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix or '<top>'} = {raw!r}: expected a table")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.name != "source"}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        key = f"{prefix}{unknown[0]}"
+        raise ConfigError(f"{key}: unknown key; accepted keys here: {', '.join(sorted(names))}")
+    values = {name: _convert(hints[name], raw[name], f"{prefix}{name}") for name in raw}
+    return cls(**values)
+
+
+def _convert(hint: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, f"{key}.")
+    if origin is Literal:
+        allowed = typing.get_args(hint)
+        if value not in allowed:
+            raise ConfigError(f"{key} = {value!r}: expected one of {', '.join(map(repr, allowed))}")
+        return value
+    if origin is tuple:
+        item_hint = typing.get_args(hint)[0]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} = {value!r}: expected a list")
+        return tuple(_convert(item_hint, v, f"{key}[{i}]") for i, v in enumerate(value))
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} = {value!r}: expected true or false")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} = {value!r}: expected an integer")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key} = {value!r}: expected a number")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} = {value!r}: expected a string")
+        return value
+    if isinstance(hint, types.UnionType):  # pragma: no cover - no unions in the schema yet
+        raise ConfigError(f"{key}: unsupported schema type {hint}")
+    raise ConfigError(f"{key}: unsupported schema type {hint}")
+
+
+def _require(ok: bool, key: str, value: Any, accepted: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key} = {value!r}: expected {accepted}")
+
+
+def valid_ae_title(title: str) -> bool:
+    """True when ``title`` is a legal DICOM AE title (1-16 chars, no backslash/controls)."""
+    stripped = title.strip()
+    return (
+        0 < len(stripped) <= 16
+        and all(32 <= ord(c) < 127 for c in title)
+        and "\\" not in title
+    )
+
+
+def _check_semantics(config: Config) -> None:
+    r = config.receiver
+    _require(valid_ae_title(r.ae_title), "receiver.ae_title", r.ae_title,
+             "1 to 16 printable ASCII characters without backslash")
+    _require(1 <= r.port <= 65535, "receiver.port", r.port, "an integer from 1 to 65535")
+    try:
+        ipaddress.ip_address(r.bind_address)
+    except ValueError:
+        _require(False, "receiver.bind_address", r.bind_address, "an IPv4 or IPv6 address")
+    _require(r.max_associations >= 1, "receiver.max_associations", r.max_associations,
+             "an integer >= 1")
+    _require(r.max_pdu_size == 0 or 4096 <= r.max_pdu_size <= 2**32 - 1,
+             "receiver.max_pdu_size", r.max_pdu_size, "0 (unlimited) or 4096..4294967295")
+    for name in ("acse_timeout_s", "dimse_timeout_s", "network_timeout_s", "shutdown_grace_s"):
+        value = getattr(r, name)
+        _require(value > 0, f"receiver.{name}", value, "a number of seconds > 0")
+    for i, uid in enumerate(r.extra_sop_classes):
+        _require(_is_uid(uid), f"receiver.extra_sop_classes[{i}]", uid, "a DICOM UID")
+    _require(len(r.peers) > 0, "receiver.peers", [], "at least one [[receiver.peers]] entry")
+    for i, peer in enumerate(r.peers):
+        _require(peer.ae_title == "*" or valid_ae_title(peer.ae_title),
+                 f"receiver.peers[{i}].ae_title", peer.ae_title, "'*' or a DICOM AE title")
+        for j, net in enumerate(peer.addresses):
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except ValueError:
+                _require(False, f"receiver.peers[{i}].addresses[{j}]", net,
+                         "an IP address or CIDR network such as 10.0.0.0/8")
+    if r.tls.enabled:
+        for name in ("certificate", "private_key"):
+            value = getattr(r.tls, name)
+            _require(bool(value) and Path(value).is_file(), f"receiver.tls.{name}", value,
+                     "the path of an existing PEM file when TLS is enabled")
+        if r.tls.require_client_certificate:
+            _require(bool(r.tls.ca_certificates) and Path(r.tls.ca_certificates).is_file(),
+                     "receiver.tls.ca_certificates", r.tls.ca_certificates,
+                     "an existing PEM file when client certificates are required")
+    s = config.scheduler
+    _require(s.study_quiet_period_s > 0, "scheduler.study_quiet_period_s",
+             s.study_quiet_period_s, "a number of seconds > 0")
+    _require(s.check_interval_s > 0, "scheduler.check_interval_s", s.check_interval_s,
+             "a number of seconds > 0")
+    _require(config.database.busy_timeout_ms >= 0, "database.busy_timeout_ms",
+             config.database.busy_timeout_ms, "an integer >= 0")
+    url = config.database.url
+    _require(url == "" or "://" in url, "database.url", url,
+             "empty (SQLite in the state folder) or an SQLAlchemy URL such as postgresql://...")
+
+
+def _is_uid(value: str) -> bool:
+    parts = value.split(".")
+    return 0 < len(value) <= 64 and all(p.isdigit() and (p == "0" or not p.startswith("0"))
+                                        for p in parts)

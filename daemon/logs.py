@@ -1,0 +1,63 @@
+"""structlog configuration, done once in ``main()``.
+
+JSON lines when the stream is not a terminal, readable console output when it
+is. Context (association id, calling AE, study UID) is bound per unit of work
+with ``structlog.contextvars``. As a last line of defence, keys that name
+patient data are redacted; callers must never pass them in the first place.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any, TextIO
+
+import structlog
+from structlog.typing import EventDict, Processor
+
+PHI_KEYS = frozenset({
+    "patient_name", "patientname", "patient_id", "patientid", "birth_date",
+    "patient_birth_date", "patientbirthdate", "accession_number", "accessionnumber",
+})
+REDACTED = "[redacted]"
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
+           "error": logging.ERROR}
+
+
+def redact_phi(_logger: Any, _method: str, event_dict: EventDict) -> EventDict:
+    for key in event_dict:
+        if key.lower() in PHI_KEYS:
+            event_dict[key] = REDACTED
+    return event_dict
+
+
+def configure_logging(level: str = "info", fmt: str = "auto", stream: TextIO | None = None) -> None:
+    """Configure structlog and route stdlib logging (pynetdicom, alembic) through it."""
+    stream = stream or sys.stdout
+    as_json = fmt == "json" or (fmt == "auto" and not stream.isatty())
+    shared: list[Processor] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        redact_phi,
+    ]
+    renderer: Processor = (structlog.processors.JSONRenderer() if as_json
+                           else structlog.dev.ConsoleRenderer(colors=stream.isatty()))
+    tail: list[Processor] = [structlog.processors.format_exc_info] if as_json else []
+    structlog.configure(
+        processors=[*shared, *tail, renderer],
+        wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
+        logger_factory=structlog.WriteLoggerFactory(file=stream),
+        cache_logger_on_first_use=False,
+    )
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared],
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *tail, renderer],
+    ))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(_LEVELS[level])
+    # Third-party INFO lines are protocol chatter; their warnings still come through.
+    for name in ("pynetdicom", "apscheduler", "alembic"):
+        logging.getLogger(name).setLevel(max(logging.WARNING, _LEVELS[level]))

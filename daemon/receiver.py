@@ -1,0 +1,356 @@
+"""The DICOM Storage SCP: accept, write durably, record, then acknowledge.
+
+The C-STORE handler is thin. It never decodes pixels and never runs the
+model: it parses the header, writes the received bytes to the spool (fsync,
+rename, fsync), records the rows in one transaction, and only then answers
+0x0000. Each expected failure is a specific status (see
+:mod:`daemon.statuses`) with an Error Comment and a logged reason.
+"""
+
+from __future__ import annotations
+
+import ssl
+import threading
+import time
+import uuid
+import weakref
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import structlog
+from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_file_meta_info
+from pydicom.uid import (
+    JPEG2000,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
+from pynetdicom import AE, evt
+from pynetdicom.association import Association
+from pynetdicom.events import Event
+from pynetdicom.presentation import StoragePresentationContexts
+from pynetdicom.sop_class import (
+    ComputedRadiographyImageStorage,
+    DigitalXRayImageStorageForPresentation,
+    DigitalXRayImageStorageForProcessing,
+    MultiFrameGrayscaleByteSecondaryCaptureImageStorage,
+    MultiFrameGrayscaleWordSecondaryCaptureImageStorage,
+    SecondaryCaptureImageStorage,
+    Verification,
+)
+from pynetdicom.transport import ThreadedAssociationServer
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from daemon.access import REJECTED_PERMANENT, SOURCE_SERVICE_USER, AccessPolicy
+from daemon.config import Config
+from daemon.eligibility import classify
+from daemon.exceptions import SpoolError, SpoolFullError
+from daemon.spool import Spool, is_valid_uid
+from daemon.statuses import StoreStatus, status_dataset
+from db import queue
+from db.engine import unit_of_work
+
+log = structlog.get_logger("opacityd.receiver")
+
+CHEST_STORAGE_CLASSES = (
+    ComputedRadiographyImageStorage,
+    DigitalXRayImageStorageForPresentation,
+    DigitalXRayImageStorageForProcessing,
+    SecondaryCaptureImageStorage,
+    MultiFrameGrayscaleByteSecondaryCaptureImageStorage,
+    MultiFrameGrayscaleWordSecondaryCaptureImageStorage,
+)
+TRANSFER_SYNTAXES = (
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    JPEG2000Lossless,
+    JPEG2000,
+    RLELossless,
+)
+_IDENTIFYING = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class Refusal(Exception):
+    status: StoreStatus
+    reason: str
+    comment: str
+    study_uid: str | None = None
+    sop_instance_uid: str | None = None
+
+
+def _tls_context(config: Config) -> ssl.SSLContext | None:
+    tls = config.receiver.tls
+    if not tls.enabled:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(tls.certificate, tls.private_key)
+    if tls.ca_certificates:
+        ctx.load_verify_locations(tls.ca_certificates)
+    ctx.verify_mode = ssl.CERT_REQUIRED if tls.require_client_certificate else ssl.CERT_OPTIONAL
+    return ctx
+
+
+def _identify(ds: Dataset, requested_sop_class: str) -> dict[str, str]:
+    """The identifying UIDs, or a :class:`Refusal` saying which one is wrong."""
+    values = {k: str(ds.get(k, "") or "").strip() for k in _IDENTIFYING}
+    study_uid = values["StudyInstanceUID"] or None
+    sop_uid = values["SOPInstanceUID"] or None
+    for keyword, value in values.items():
+        if not value:
+            raise Refusal(StoreStatus.MISSING_UID, "missing_uid", f"missing {keyword}",
+                          study_uid if is_valid_uid(study_uid or "") else None, None)
+    for keyword, value in values.items():
+        if not is_valid_uid(value):
+            raise Refusal(StoreStatus.INVALID_UID, "invalid_uid", f"invalid {keyword}",
+                          study_uid if is_valid_uid(values["StudyInstanceUID"]) else None, None)
+    if values["SOPClassUID"] != requested_sop_class:
+        raise Refusal(StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS, "sop_class_mismatch",
+                      "SOP Class UID differs from the presentation context", study_uid, sop_uid)
+    return values
+
+
+class Receiver:
+    """The Storage SCP. ``start()`` listens in background threads; ``stop()`` drains."""
+
+    def __init__(self, config: Config, sessions: sessionmaker[Session], spool: Spool) -> None:
+        self.config = config
+        self.sessions = sessions
+        self.spool = spool
+        self.policy = AccessPolicy(config.receiver.ae_title, config.receiver.peers)
+        self.server: ThreadedAssociationServer | None = None
+        self._assoc_ids: weakref.WeakKeyDictionary[Association, str] = weakref.WeakKeyDictionary()
+        self._ids_lock = threading.Lock()
+        self.ae = self._build_ae()
+
+    def _build_ae(self) -> AE:
+        r = self.config.receiver
+        ae = AE(ae_title=r.ae_title)
+        ae.maximum_associations = r.max_associations
+        ae.maximum_pdu_size = r.max_pdu_size
+        ae.acse_timeout = r.acse_timeout_s
+        ae.dimse_timeout = r.dimse_timeout_s
+        ae.network_timeout = r.network_timeout_s
+        ae.add_supported_context(Verification)
+        syntaxes = list(TRANSFER_SYNTAXES)
+        if r.accept_any_storage_class:
+            for cx in StoragePresentationContexts:
+                ae.add_supported_context(cx.abstract_syntax, syntaxes)
+        else:
+            for sop_class in (*CHEST_STORAGE_CLASSES, *r.extra_sop_classes):
+                ae.add_supported_context(sop_class, syntaxes)
+        return ae
+
+    @property
+    def handlers(self) -> list[tuple[Any, Any]]:
+        return [
+            (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_C_ECHO, self._on_echo),
+            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_RELEASED, self._on_closed),
+            (evt.EVT_ABORTED, self._on_closed),
+        ]
+
+    def start(self) -> None:
+        r = self.config.receiver
+        self.server = self.ae.start_server(
+            (r.bind_address, r.port), block=False, evt_handlers=self.handlers,
+            ssl_context=_tls_context(self.config),
+        )
+        log.info("receiver_listening", ae_title=r.ae_title, address=r.bind_address, port=self.port,
+                 tls=r.tls.enabled, max_associations=r.max_associations,
+                 max_pdu_size=r.max_pdu_size)
+
+    @property
+    def port(self) -> int:
+        if self.server is None:
+            return self.config.receiver.port
+        return int(self.server.server_address[1])
+
+    def stop(self, grace_s: float) -> int:
+        """Stop accepting, let in-flight associations finish for up to ``grace_s``.
+
+        Returns how many associations had to be aborted when the grace ran out.
+        """
+        if self.server is not None:
+            self.server.shutdown()
+        deadline = time.monotonic() + grace_s
+        while self._active() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        leftover = self._active()
+        for assoc in leftover:
+            assoc.abort()
+        log.info("receiver_stopped", aborted_associations=len(leftover))
+        return len(leftover)
+
+    def _active(self) -> list[Association]:
+        return [a for a in self.ae.active_associations if a.is_acceptor]
+
+    def _assoc_id(self, assoc: Association) -> str:
+        with self._ids_lock:
+            found = self._assoc_ids.get(assoc)
+            if found is None:
+                found = uuid.uuid4().hex[:12]
+                self._assoc_ids[assoc] = found
+            return found
+
+    def _on_requested(self, event: Event) -> None:
+        rq = event.assoc.requestor
+        primitive = rq.primitive
+        calling = str(primitive.calling_ae_title).strip() if primitive else ""
+        called = str(primitive.called_ae_title).strip() if primitive else ""
+        address = str(rq.address)
+        reason = self.policy.decide(calling, called, address)
+        if reason is None:
+            log.info("association_requested", assoc_id=self._assoc_id(event.assoc),
+                     calling_ae=calling, address=address)
+            return
+        event.assoc.acse.send_reject(REJECTED_PERMANENT, SOURCE_SERVICE_USER, reason.diagnostic)
+        log.warning("association_rejected", calling_ae=calling, called_ae=called, address=address,
+                    reason=reason.label)
+        try:
+            with unit_of_work(self.sessions) as session:
+                queue.record_association_rejected(session, calling or "?", address,
+                                                  reason.label, utcnow())
+        except SQLAlchemyError as e:
+            log.error("audit_write_failed", error=type(e).__name__)
+
+    def _on_echo(self, event: Event) -> int:
+        log.info("echo", assoc_id=self._assoc_id(event.assoc),
+                 calling_ae=event.assoc.requestor.ae_title)
+        return 0x0000
+
+    def _on_closed(self, event: Event) -> None:
+        if event.assoc.is_established or event.assoc.is_released or event.assoc.is_aborted:
+            log.info("association_closed", assoc_id=self._assoc_id(event.assoc),
+                     released=event.assoc.is_released, aborted=event.assoc.is_aborted)
+
+    def _on_store(self, event: Event) -> Dataset:
+        started = time.perf_counter()
+        calling = str(event.assoc.requestor.ae_title).strip()
+        with structlog.contextvars.bound_contextvars(assoc_id=self._assoc_id(event.assoc),
+                                                     calling_ae=calling):
+            try:
+                return self._store(event, calling, started)
+            except Refusal as refusal:
+                return self._refuse(refusal, calling)
+            finally:
+                structlog.contextvars.unbind_contextvars("study_uid")
+
+    def _store(self, event: Event, calling: str, started: float) -> Dataset:
+        request_class = str(event.request.AffectedSOPClassUID)
+        try:
+            ds = event.dataset
+            uids = _identify(ds, request_class)
+        except Refusal:
+            raise
+        except Exception as e:  # noqa: BLE001 - pydicom raises many types on malformed input
+            raise Refusal(StoreStatus.CANNOT_UNDERSTAND, "malformed_dataset",
+                          f"cannot parse data set ({type(e).__name__})") from e
+        study_uid, sop_uid = uids["StudyInstanceUID"], uids["SOPInstanceUID"]
+        structlog.contextvars.bind_contextvars(study_uid=study_uid)
+        try:
+            verdict = classify(ds, self.config.eligibility)
+            accession = str(ds.get("AccessionNumber", "") or "").strip()[:16] or None
+            header = {k: (str(ds.get(k, "") or "").strip() or None)
+                      for k in ("Modality", "BodyPartExamined", "ViewPosition")}
+        except Exception as e:  # noqa: BLE001 - a malformed header element
+            raise Refusal(StoreStatus.CANNOT_UNDERSTAND, "malformed_dataset",
+                          f"cannot parse header ({type(e).__name__})", study_uid, sop_uid) from e
+
+        if self._is_duplicate(sop_uid, calling):
+            log.info("instance_duplicate", sop_instance_uid=sop_uid)
+            return status_dataset(StoreStatus.SUCCESS)
+
+        keep = verdict.eligible or self.config.receiver.ineligible_instances == "keep"
+        relative = self.spool.relative_path(study_uid, uids["SeriesInstanceUID"], sop_uid) if keep else None
+        body = event.encoded_dataset(include_meta=False)
+        if relative is not None:
+            meta = DicomBytesIO()
+            meta.is_little_endian, meta.is_implicit_VR = True, False
+            write_file_meta_info(meta, event.file_meta, enforce_standard=True)
+            try:
+                self.spool.write(relative, [b"\x00" * 128, b"DICM", meta.getvalue(), body])
+            except SpoolFullError as e:
+                raise Refusal(StoreStatus.OUT_OF_RESOURCES, "spool_full", "out of disk space",
+                              study_uid, sop_uid) from e
+            except SpoolError as e:
+                raise Refusal(StoreStatus.OUT_OF_RESOURCES, "spool_error", str(e),
+                              study_uid, sop_uid) from e
+
+        record = queue.InstanceRecord(
+            study_uid=study_uid, series_uid=uids["SeriesInstanceUID"], sop_instance_uid=sop_uid,
+            sop_class_uid=uids["SOPClassUID"],
+            transfer_syntax_uid=str(event.context.transfer_syntax),
+            modality=(header["Modality"] or "")[:16] or None,
+            body_part=(header["BodyPartExamined"] or "")[:64] or None,
+            view_position=(header["ViewPosition"] or "")[:16] or None,
+            accession_number=accession, eligible=verdict.eligible,
+            eligibility_reason=verdict.reason.value, spool_path=relative,
+            size_bytes=len(body), calling_ae=calling,
+        )
+        try:
+            with unit_of_work(self.sessions) as session:
+                outcome = queue.record_instance(session, record, utcnow())
+        except SQLAlchemyError as e:
+            if relative is not None:
+                self.spool.remove(relative)
+            raise Refusal(StoreStatus.OUT_OF_RESOURCES, "database_error",
+                          f"database unavailable ({type(e).__name__})", study_uid, sop_uid) from e
+        log.info("instance_stored", sop_instance_uid=sop_uid, outcome=outcome.value,
+                 eligible=verdict.eligible, reason=verdict.reason.value, kept=relative is not None,
+                 bytes=len(body), ms=round((time.perf_counter() - started) * 1000, 1))
+        return status_dataset(StoreStatus.SUCCESS)
+
+    def _is_duplicate(self, sop_uid: str, calling: str) -> bool:
+        """Count and acknowledge a re-sent instance we already hold, without rewriting it."""
+        try:
+            with unit_of_work(self.sessions) as session:
+                existing = queue.find_instance(session, sop_uid)
+                if existing is None:
+                    return False
+                queue.record_duplicate(session, existing, calling, utcnow())
+                return True
+        except SQLAlchemyError as e:
+            raise Refusal(StoreStatus.OUT_OF_RESOURCES, "database_error",
+                          f"database unavailable ({type(e).__name__})", None, sop_uid) from e
+
+    def _refuse(self, refusal: Refusal, calling: str) -> Dataset:
+        log.warning("instance_refused", status=f"0x{int(refusal.status):04X}",
+                    reason=refusal.reason, detail=refusal.comment,
+                    study_uid=refusal.study_uid, sop_instance_uid=refusal.sop_instance_uid)
+        if refusal.reason != "database_error":
+            try:
+                with unit_of_work(self.sessions) as session:
+                    queue.record_refusal(session, calling, utcnow(), refusal.reason,
+                                         int(refusal.status), refusal.study_uid,
+                                         refusal.sop_instance_uid)
+            except SQLAlchemyError as e:
+                log.error("audit_write_failed", error=type(e).__name__)
+        return status_dataset(refusal.status, refusal.comment)

@@ -1,0 +1,81 @@
+"""`opacityd serve`: the receiver and the scheduler in one process, with a graceful stop.
+
+First SIGTERM (or SIGINT): stop accepting associations, let in-flight ones
+finish within ``receiver.shutdown_grace_s``, stop the scheduler, exit 0.
+A second signal exits at once; nothing acknowledged is lost because an
+acknowledgement is only sent after the commit.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from types import FrameType
+
+import structlog
+
+from daemon.config import Config
+from daemon.receiver import Receiver
+from daemon.scheduler import build_scheduler
+from daemon.spool import Spool
+from db import migrate
+from db.engine import create_db_engine, make_session_factory
+
+log = structlog.get_logger("opacityd.serve")
+
+EXIT_IMMEDIATE = 130
+
+
+def prepare_database(config: Config) -> None:
+    """Apply pending migrations (also `opacityd db upgrade`)."""
+    engine = create_db_engine(config.database_url, config.database.busy_timeout_ms)
+    try:
+        before, after = migrate.upgrade(engine)
+    finally:
+        engine.dispose()
+    if before != after:
+        log.info("database_migrated", from_revision=before, to_revision=after)
+
+
+def serve(config: Config) -> int:
+    """Run until signalled; returns the process exit code."""
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        if stop.is_set():
+            log.warning("second_signal_exit_now", signal=signal.Signals(signum).name)
+            os._exit(EXIT_IMMEDIATE)
+        log.info("shutdown_requested", signal=signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    config.spool_dir.mkdir(parents=True, exist_ok=True)
+    prepare_database(config)
+    engine = create_db_engine(config.database_url, config.database.busy_timeout_ms)
+    sessions = make_session_factory(engine)
+    spool = Spool(config.spool_dir)
+    removed = spool.remove_temp_files()
+    if removed:
+        log.warning("spool_temp_files_removed", count=removed)
+
+    receiver = Receiver(config, sessions, spool)
+    scheduler = build_scheduler(config.scheduler, sessions)
+    scheduler.start()
+    try:
+        receiver.start()
+    except OSError as e:
+        log.error("receiver_start_failed", port=config.receiver.port, error=str(e))
+        scheduler.shutdown(wait=True)
+        engine.dispose()
+        return 1
+    log.info("serving", config=config.source, state_dir=str(config.state_dir),
+             database=engine.url.render_as_string(hide_password=True))
+    stop.wait()
+    receiver.stop(config.receiver.shutdown_grace_s)
+    scheduler.shutdown(wait=True)
+    engine.dispose()
+    log.info("stopped")
+    return 0

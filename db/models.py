@@ -1,0 +1,123 @@
+"""SQLAlchemy 2.x models: studies, instances, jobs and audit events.
+
+No patient name, patient ID or birth date is stored. The accession number is
+kept on the study (the worklist may show it when configured) but never logged.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import sqlalchemy as sa
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.types import TypeDecorator
+
+from db.states import AuditAction, JobState, StudyState
+
+UID = sa.String(64)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Stores naive UTC, returns aware UTC, on every dialect."""
+
+    impl = sa.DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        return value.astimezone(UTC).replace(tzinfo=None)
+
+    def process_result_value(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
+        return None if value is None else value.replace(tzinfo=UTC)
+
+
+def _enum(cls: type) -> sa.Enum:
+    return sa.Enum(cls, native_enum=False, length=32, values_callable=lambda e: [m.value for m in e],
+                   validate_strings=True)
+
+
+class Base(DeclarativeBase):
+    metadata = sa.MetaData(naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "ck": "ck_%(table_name)s_%(constraint_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    })
+
+
+class Study(Base):
+    __tablename__ = "studies"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_uid: Mapped[str] = mapped_column(UID, unique=True)
+    accession_number: Mapped[str | None] = mapped_column(sa.String(16))
+    state: Mapped[StudyState] = mapped_column(_enum(StudyState), index=True)
+    revision: Mapped[int] = mapped_column(default=1)
+    """Incremented each time late instances re-open a completed study."""
+    first_received_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    last_received_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
+    completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+    instances: Mapped[list[Instance]] = relationship(back_populates="study")
+    jobs: Mapped[list[Job]] = relationship(back_populates="study")
+
+
+class Instance(Base):
+    __tablename__ = "instances"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_id: Mapped[int] = mapped_column(sa.ForeignKey("studies.id"), index=True)
+    series_uid: Mapped[str] = mapped_column(UID)
+    sop_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
+    sop_class_uid: Mapped[str] = mapped_column(UID)
+    transfer_syntax_uid: Mapped[str] = mapped_column(UID)
+    modality: Mapped[str | None] = mapped_column(sa.String(16))
+    body_part: Mapped[str | None] = mapped_column(sa.String(64))
+    view_position: Mapped[str | None] = mapped_column(sa.String(16))
+    eligible: Mapped[bool]
+    eligibility_reason: Mapped[str] = mapped_column(sa.String(64))
+    spool_path: Mapped[str | None] = mapped_column(sa.String(255))
+    """Relative to the spool folder; NULL when the instance was discarded."""
+    size_bytes: Mapped[int]
+    calling_ae: Mapped[str] = mapped_column(sa.String(16))
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    receive_count: Mapped[int] = mapped_column(default=1)
+    study_revision: Mapped[int]
+
+    study: Mapped[Study] = relationship(back_populates="instances")
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+    __table_args__ = (sa.UniqueConstraint("study_id", "study_revision"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_id: Mapped[int] = mapped_column(sa.ForeignKey("studies.id"), index=True)
+    study_revision: Mapped[int]
+    state: Mapped[JobState] = mapped_column(_enum(JobState), index=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    attempts: Mapped[int] = mapped_column(default=0)
+    lease_owner: Mapped[str | None] = mapped_column(sa.String(128))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    last_error: Mapped[str | None] = mapped_column(sa.Text)
+
+    study: Mapped[Study] = relationship(back_populates="jobs")
+
+
+class AuditEvent(Base):
+    __tablename__ = "audit_events"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
+    action: Mapped[AuditAction] = mapped_column(_enum(AuditAction))
+    actor: Mapped[str] = mapped_column(sa.String(64))
+    """Calling AE title, ``scheduler``, or ``operator:<user>``."""
+    study_uid: Mapped[str | None] = mapped_column(UID, index=True)
+    sop_instance_uid: Mapped[str | None] = mapped_column(UID)
+    detail: Mapped[str | None] = mapped_column(sa.Text)
+    """Short JSON object; never patient data."""
