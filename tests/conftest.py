@@ -1,0 +1,170 @@
+"""Shared test harness: real peers on loopback, a real SQLite file, real DICOM files."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from daemon.config import Config, load_config
+from daemon.receiver import Receiver
+from daemon.scheduler import build_scheduler
+from daemon.spool import Spool
+from db import migrate
+from db.engine import create_db_engine, make_session_factory, unit_of_work
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+DICOM_DIR = SHARED_DATA / "dicom"
+STORESCU = "/usr/bin/storescu"
+STORESCP = "/usr/bin/storescp"
+ECHOSCU = "/usr/bin/echoscu"
+OPACITYD = str(Path(sys.executable).with_name("opacityd"))
+# Debian's DCMTK leaves Nagle on unless told otherwise (40x slower on small files).
+DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
+
+
+def require(path: str) -> None:
+    if not Path(path).exists():
+        pytest.skip(f"{path} is not installed (apt-get install dcmtk dicom3tools orthanc)")
+
+
+@pytest.fixture
+def shared_dicom() -> Path:
+    if not DICOM_DIR.is_dir():
+        pytest.skip(f"real DICOM files not available at {DICOM_DIR}")
+    return DICOM_DIR
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 20.0, interval: float = 0.05,
+               what: str = "condition") -> Any:
+    """Poll ``predicate`` until it returns a truthy value or the deadline passes."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def write_config(folder: Path, extra: str = "", *, port: int | None = None,
+                 quiet_s: float = 0.5) -> Path:
+    """A config file for one test: its own state folder, a free port, a short quiet period."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "config.toml"
+    receiver_extra, rest = _split_receiver(extra)
+    path.write_text(
+        f'[paths]\nstate_dir = "{folder / "state"}"\n'
+        f'[receiver]\nport = {port or free_port()}\nshutdown_grace_s = 5.0\n{receiver_extra}\n'
+        f'[scheduler]\nstudy_quiet_period_s = {quiet_s}\ncheck_interval_s = 0.1\n'
+        f'[logging]\nformat = "json"\n{rest}\n'
+    )
+    return path
+
+
+def _split_receiver(extra: str) -> tuple[str, str]:
+    """Lines before the first table header go into [receiver]; the rest is appended."""
+    lines = extra.strip().splitlines()
+    for i, line in enumerate(lines):
+        if line.strip().startswith("["):
+            return "\n".join(lines[:i]), "\n".join(lines[i:])
+    return "\n".join(lines), ""
+
+
+@dataclass
+class Harness:
+    config: Config
+    engine: Engine
+    sessions: sessionmaker[Session]
+    spool: Spool
+    receiver: Receiver
+
+    @property
+    def port(self) -> int:
+        return self.receiver.port
+
+    def query(self, fn: Callable[[Session], Any]) -> Any:
+        with unit_of_work(self.sessions) as session:
+            return fn(session)
+
+
+@contextmanager
+def running_receiver(folder: Path, extra: str = "") -> Iterator[Harness]:
+    """An in-process receiver on a free loopback port with a migrated SQLite database."""
+    config = load_config(write_config(folder, extra), env={})
+    engine = create_db_engine(config.database_url)
+    migrate.upgrade(engine)
+    sessions = make_session_factory(engine)
+    spool = Spool(config.spool_dir)
+    receiver = Receiver(config, sessions, spool)
+    scheduler = build_scheduler(config.scheduler, sessions)
+    scheduler.start()
+    receiver.start()
+    try:
+        yield Harness(config, engine, sessions, spool, receiver)
+    finally:
+        receiver.stop(2.0)
+        scheduler.shutdown(wait=True)
+        engine.dispose()
+
+
+@pytest.fixture
+def harness(tmp_path: Path) -> Iterator[Harness]:
+    with running_receiver(tmp_path) as h:
+        yield h
+
+
+_ACK = re.compile(r"Received Store Response \((?P<status>[^)]*)\)")
+
+
+def storescu(port: int, files: list[Path], *args: str, aet: str = "MODALITY",
+             aec: str = "OPACITYD", timeout: float = 120) -> tuple[subprocess.CompletedProcess[str],
+                                                                   dict[Path, str]]:
+    """Send ``files`` with DCMTK storescu; returns the process and each file's response text."""
+    require(STORESCU)
+    proc = subprocess.run(
+        [STORESCU, "-v", "-aet", aet, "-aec", aec, *args, "127.0.0.1", str(port),
+         *map(str, files)],
+        capture_output=True, text=True, env=DCMTK_ENV, timeout=timeout,
+    )
+    return proc, parse_acks(proc.stdout + proc.stderr)
+
+
+def parse_acks(output: str) -> dict[Path, str]:
+    """Map each file storescu sent to the status text of the response it received."""
+    acks: dict[Path, str] = {}
+    current: Path | None = None
+    for line in output.splitlines():
+        if "Sending file: " in line:
+            current = Path(line.split("Sending file: ", 1)[1].strip())
+        m = _ACK.search(line)
+        if m and current is not None:
+            acks[current] = m.group("status")
+            current = None
+    return acks
+
+
+def echoscu(port: int, *args: str, aet: str = "ECHOSCU", aec: str = "OPACITYD"
+            ) -> subprocess.CompletedProcess[str]:
+    require(ECHOSCU)
+    return subprocess.run([ECHOSCU, "-v", "-aet", aet, "-aec", aec, *args, "127.0.0.1", str(port)],
+                          capture_output=True, text=True, env=DCMTK_ENV, timeout=30)
