@@ -67,16 +67,16 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 20.0, interval: fl
 
 
 def write_config(folder: Path, extra: str = "", *, port: int | None = None,
-                 quiet_s: float = 0.5) -> Path:
+                 quiet_s: float = 0.5, grace_s: float = 5.0, log_level: str = "info") -> Path:
     """A config file for one test: its own state folder, a free port, a short quiet period."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "config.toml"
     receiver_extra, rest = _split_receiver(extra)
     path.write_text(
         f'[paths]\nstate_dir = "{folder / "state"}"\n'
-        f'[receiver]\nport = {port or free_port()}\nshutdown_grace_s = 5.0\n{receiver_extra}\n'
+        f'[receiver]\nport = {port or free_port()}\nshutdown_grace_s = {grace_s}\n{receiver_extra}\n'
         f'[scheduler]\nstudy_quiet_period_s = {quiet_s}\ncheck_interval_s = 0.1\n'
-        f'[logging]\nformat = "json"\n{rest}\n'
+        f'[logging]\nformat = "json"\nlevel = "{log_level}"\n{rest}\n'
     )
     return path
 
@@ -168,3 +168,18 @@ def echoscu(port: int, *args: str, aet: str = "ECHOSCU", aec: str = "OPACITYD"
     require(ECHOSCU)
     return subprocess.run([ECHOSCU, "-v", "-aet", aet, "-aec", aec, *args, "127.0.0.1", str(port)],
                           capture_output=True, text=True, env=DCMTK_ENV, timeout=30)
+
+
+@pytest.fixture(autouse=True)
+def _reset_logging() -> Iterator[None]:
+    """`main()` configures logging globally; put it back so later tests write nowhere stale."""
+    import logging
+
+    import structlog
+
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    structlog.reset_defaults()
+    root.handlers[:] = handlers
+    root.setLevel(level)

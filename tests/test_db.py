@@ -1,0 +1,111 @@
+"""Storage: migrations, SQLite settings, state transitions and study completion."""
+
+from __future__ import annotations
+
+import threading
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from daemon.cli import main
+from db import migrate, queue
+from db.engine import create_db_engine, make_session_factory, sqlite_pragmas, unit_of_work
+from db.exceptions import InvalidTransition
+from db.models import Job, Study
+from db.states import JobState, StudyState, check_transition
+
+NOW = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
+
+
+@pytest.fixture
+def sessions(tmp_path: Path):  # type: ignore[no-untyped-def]
+    engine = create_db_engine(f"sqlite:///{tmp_path / 'q.sqlite3'}")
+    migrate.upgrade(engine)
+    yield make_session_factory(engine)
+    engine.dispose()
+
+
+def _record(study: str, sop: str, eligible: bool = True) -> queue.InstanceRecord:
+    return queue.InstanceRecord(
+        study_uid=study, series_uid="1.2.3", sop_instance_uid=sop, sop_class_uid="1.2.840.10008.5.1.4.1.1.1",
+        transfer_syntax_uid="1.2.840.10008.1.2.1", modality="CR", body_part="CHEST",
+        view_position="PA" if eligible else "LL", accession_number=None, eligible=eligible,
+        eligibility_reason="eligible" if eligible else "lateral_view",
+        spool_path=None, size_bytes=10, calling_ae="TEST")
+
+
+def test_migrations_create_the_schema_and_are_idempotent(tmp_path: Path) -> None:
+    engine = create_db_engine(f"sqlite:///{tmp_path / 'm.sqlite3'}")
+    assert migrate.current_revision(engine) is None
+    assert migrate.upgrade(engine) == (None, migrate.head_revision())
+    assert migrate.upgrade(engine) == (migrate.head_revision(), migrate.head_revision())
+    tables = set(sa.inspect(engine).get_table_names())
+    assert {"studies", "instances", "jobs", "audit_events", "alembic_version"} <= tables
+    engine.dispose()
+
+
+def test_db_upgrade_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[paths]\nstate_dir = "{tmp_path / "s"}"\n')
+    assert main(["--config", str(cfg), "db", "upgrade"]) == 0
+    assert "empty -> 0001" in capsys.readouterr().out
+    assert main(["--config", str(cfg), "db", "upgrade"]) == 0
+    assert "already at 0001" in capsys.readouterr().out
+
+
+def test_sqlite_runs_in_wal_with_full_sync_foreign_keys_and_busy_timeout(tmp_path: Path) -> None:
+    engine = create_db_engine(f"sqlite:///{tmp_path / 'p.sqlite3'}", busy_timeout_ms=1234)
+    assert sqlite_pragmas(engine) == {"journal_mode": "wal", "synchronous": 2, "foreign_keys": 1,
+                                      "busy_timeout": 1234}
+    engine.dispose()
+
+
+def test_invalid_transitions_are_refused() -> None:
+    check_transition(JobState.QUEUED, JobState.RUNNING)
+    with pytest.raises(InvalidTransition, match="done -> running"):
+        check_transition(JobState.DONE, JobState.RUNNING)
+    with pytest.raises(InvalidTransition, match="complete -> ignored"):
+        check_transition(StudyState.COMPLETE, StudyState.IGNORED)
+
+
+def test_a_study_is_completed_only_after_its_quiet_period(sessions) -> None:  # type: ignore[no-untyped-def]
+    with unit_of_work(sessions) as s:
+        queue.record_instance(s, _record("1.1", "1.1.1"), NOW)
+    with unit_of_work(sessions) as s:
+        assert queue.complete_quiet_studies(s, timedelta(seconds=5), NOW + timedelta(seconds=4)) == []
+    with unit_of_work(sessions) as s:
+        (done,) = queue.complete_quiet_studies(s, timedelta(seconds=5), NOW + timedelta(seconds=5))
+    assert done.state is StudyState.COMPLETE and done.job_id is not None
+
+
+def test_a_study_without_eligible_images_is_ignored_without_a_job(sessions) -> None:  # type: ignore[no-untyped-def]
+    with unit_of_work(sessions) as s:
+        queue.record_instance(s, _record("2.1", "2.1.1", eligible=False), NOW)
+        (done,) = queue.complete_quiet_studies(s, timedelta(seconds=1), NOW + timedelta(seconds=2))
+        assert done.state is StudyState.IGNORED and done.job_id is None
+        assert s.scalar(sa.select(sa.func.count()).select_from(Job)) == 0
+
+
+def test_concurrent_schedulers_enqueue_exactly_one_job(sessions) -> None:  # type: ignore[no-untyped-def]
+    with unit_of_work(sessions) as s:
+        for i in range(20):
+            queue.record_instance(s, _record(f"3.{i}", f"3.{i}.1"), NOW)
+    barrier = threading.Barrier(4)
+    results: list[int] = []
+
+    def tick() -> None:
+        barrier.wait()
+        with unit_of_work(sessions) as s:
+            results.append(len(queue.complete_quiet_studies(s, timedelta(seconds=1),
+                                                            NOW + timedelta(seconds=2))))
+    threads = [threading.Thread(target=tick) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sum(results) == 20
+    with unit_of_work(sessions) as s:
+        assert s.scalar(sa.select(sa.func.count()).select_from(Job)) == 20
+        assert set(s.scalars(sa.select(Study.state))) == {StudyState.COMPLETE}

@@ -1,0 +1,51 @@
+"""A full spool file system answers 0xA700 with nothing half-written; the association goes on."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from pynetdicom import AE
+from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation
+
+from db.models import Instance
+from tests.conftest import running_receiver
+from tests.factories import make_dx
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    mount = tmp_path / "state" / "spool"
+    mount.mkdir(parents=True)
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root or CAP_SYS_ADMIN): {proc.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_full_disk_answers_0xA700_leaves_nothing_and_recovers(tmp_path: Path,
+                                                              small_tmpfs: Path) -> None:
+    with running_receiver(tmp_path) as h:
+        assert h.spool.root == small_tmpfs
+        ae = AE(ae_title="MODALITY")
+        ae.add_requested_context(DigitalXRayImageStorageForPresentation)
+        assoc = ae.associate("127.0.0.1", h.port, ae_title="OPACITYD")
+        assert assoc.is_established
+        try:
+            too_big = assoc.send_c_store(make_dx(2500, 2048))
+            fits = assoc.send_c_store(make_dx(256, 256))
+        finally:
+            assoc.release()
+        assert too_big.Status == 0xA700 and too_big.ErrorComment == "out of disk space"
+        assert fits.Status == 0x0000
+        rows = h.query(lambda s: list(s.scalars(sa.select(Instance))))
+        assert len(rows) == 1
+        files = [p for p in small_tmpfs.rglob("*") if p.is_file()]
+        assert [p.name for p in files] == [f"{rows[0].sop_instance_uid}.dcm"]
