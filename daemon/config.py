@@ -11,7 +11,6 @@ import dataclasses
 import ipaddress
 import os
 import tomllib
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -175,7 +174,7 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
 
 def _convert(hint: Any, value: Any, key: str) -> Any:
     origin = typing.get_origin(hint)
-    if dataclasses.is_dataclass(hint):
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         return _build(hint, value, f"{key}.")
     if origin is Literal:
         allowed = typing.get_args(hint)
@@ -203,8 +202,6 @@ def _convert(hint: Any, value: Any, key: str) -> Any:
         if not isinstance(value, str):
             raise ConfigError(f"{key} = {value!r}: expected a string")
         return value
-    if isinstance(hint, types.UnionType):  # pragma: no cover - no unions in the schema yet
-        raise ConfigError(f"{key}: unsupported schema type {hint}")
     raise ConfigError(f"{key}: unsupported schema type {hint}")
 
 

@@ -16,7 +16,6 @@ import uuid
 import weakref
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
 
 import structlog
 from pydicom.dataset import Dataset
@@ -24,7 +23,11 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import (
     JPEG2000,
+    UID,
+    ComputedRadiographyImageStorage,
     DeflatedExplicitVRLittleEndian,
+    DigitalXRayImageStorageForPresentation,
+    DigitalXRayImageStorageForProcessing,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
@@ -35,21 +38,15 @@ from pydicom.uid import (
     JPEGLosslessSV1,
     JPEGLSLossless,
     JPEGLSNearLossless,
+    MultiFrameGrayscaleByteSecondaryCaptureImageStorage,
+    MultiFrameGrayscaleWordSecondaryCaptureImageStorage,
     RLELossless,
+    SecondaryCaptureImageStorage,
 )
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.events import Event
 from pynetdicom.presentation import StoragePresentationContexts
-from pynetdicom.sop_class import (
-    ComputedRadiographyImageStorage,
-    DigitalXRayImageStorageForPresentation,
-    DigitalXRayImageStorageForProcessing,
-    MultiFrameGrayscaleByteSecondaryCaptureImageStorage,
-    MultiFrameGrayscaleWordSecondaryCaptureImageStorage,
-    SecondaryCaptureImageStorage,
-    Verification,
-)
 from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
@@ -88,6 +85,7 @@ TRANSFER_SYNTAXES = (
     JPEG2000,
     RLELossless,
 )
+VERIFICATION = UID("1.2.840.10008.1.1")
 _IDENTIFYING = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")
 
 
@@ -157,18 +155,19 @@ class Receiver:
         ae.acse_timeout = r.acse_timeout_s
         ae.dimse_timeout = r.dimse_timeout_s
         ae.network_timeout = r.network_timeout_s
-        ae.add_supported_context(Verification)
+        ae.add_supported_context(VERIFICATION)
         syntaxes = list(TRANSFER_SYNTAXES)
         if r.accept_any_storage_class:
             for cx in StoragePresentationContexts:
-                ae.add_supported_context(cx.abstract_syntax, syntaxes)
+                if cx.abstract_syntax is not None:
+                    ae.add_supported_context(cx.abstract_syntax, syntaxes)
         else:
             for sop_class in (*CHEST_STORAGE_CLASSES, *r.extra_sop_classes):
                 ae.add_supported_context(sop_class, syntaxes)
         return ae
 
     @property
-    def handlers(self) -> list[tuple[Any, Any]]:
+    def handlers(self) -> list[evt.EventHandlerType]:
         return [
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_C_ECHO, self._on_echo),
@@ -284,10 +283,6 @@ class Receiver:
             raise Refusal(StoreStatus.CANNOT_UNDERSTAND, "malformed_dataset",
                           f"cannot parse header ({type(e).__name__})", study_uid, sop_uid) from e
 
-        if self._is_duplicate(sop_uid, calling):
-            log.info("instance_duplicate", sop_instance_uid=sop_uid)
-            return status_dataset(StoreStatus.SUCCESS)
-
         keep = verdict.eligible or self.config.receiver.ineligible_instances == "keep"
         relative = self.spool.relative_path(study_uid, uids["SeriesInstanceUID"], sop_uid) if keep else None
         body = event.encoded_dataset(include_meta=False)
@@ -327,19 +322,6 @@ class Receiver:
                  eligible=verdict.eligible, reason=verdict.reason.value, kept=relative is not None,
                  bytes=len(body), ms=round((time.perf_counter() - started) * 1000, 1))
         return status_dataset(StoreStatus.SUCCESS)
-
-    def _is_duplicate(self, sop_uid: str, calling: str) -> bool:
-        """Count and acknowledge a re-sent instance we already hold, without rewriting it."""
-        try:
-            with unit_of_work(self.sessions) as session:
-                existing = queue.find_instance(session, sop_uid)
-                if existing is None:
-                    return False
-                queue.record_duplicate(session, existing, calling, utcnow())
-                return True
-        except SQLAlchemyError as e:
-            raise Refusal(StoreStatus.OUT_OF_RESOURCES, "database_error",
-                          f"database unavailable ({type(e).__name__})", None, sop_uid) from e
 
     def _refuse(self, refusal: Refusal, calling: str) -> Dataset:
         log.warning("instance_refused", status=f"0x{int(refusal.status):04X}",

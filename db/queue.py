@@ -11,7 +11,7 @@ import enum
 import json
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
@@ -54,83 +54,108 @@ class Completion:
     job_id: int | None
 
 
+# The receiver's hot path runs once per C-STORE: plain Core statements on the
+# tables, built once, executed with parameters (no ORM unit of work, no
+# per-call statement construction).
+_STUDIES = cast(sa.Table, Study.__table__)
+_INSTANCES = cast(sa.Table, Instance.__table__)
+_AUDIT = cast(sa.Table, AuditEvent.__table__)
+_INSERT_AUDIT = sa.insert(_AUDIT)
+_INSERT_INSTANCE = sa.insert(_INSTANCES)
+_INSERT_STUDY = sa.insert(_STUDIES).returning(_STUDIES.c.id)
+_SELECT_INSTANCE = sa.select(_INSTANCES.c.id).where(
+    _INSTANCES.c.sop_instance_uid == sa.bindparam("sop_uid"))
+_SELECT_STUDY = sa.select(_STUDIES.c.id, _STUDIES.c.state, _STUDIES.c.revision).where(
+    _STUDIES.c.study_uid == sa.bindparam("study_uid"))
+_COUNT_DUPLICATE = (
+    sa.update(_INSTANCES).where(_INSTANCES.c.sop_instance_uid == sa.bindparam("sop_uid"))
+    .values(receive_count=_INSTANCES.c.receive_count + 1).returning(_INSTANCES.c.receive_count))
+_TOUCH_STUDY = (
+    sa.update(_STUDIES)
+    .where(_STUDIES.c.id == sa.bindparam("sid"), _STUDIES.c.last_received_at < sa.bindparam("t_new"))
+    .values(last_received_at=sa.bindparam("t_new")))
+
+
 def audit(session: Session, action: AuditAction, actor: str, now: datetime, *,
           study_uid: str | None = None, sop_instance_uid: str | None = None,
           **detail: Any) -> None:
     """Add an audit row. ``detail`` must never carry patient data."""
-    session.add(AuditEvent(
-        at=now, action=action, actor=actor[:64], study_uid=study_uid,
-        sop_instance_uid=sop_instance_uid,
-        detail=json.dumps(detail, sort_keys=True, default=str) if detail else None,
-    ))
+    session.connection().execute(_INSERT_AUDIT, {
+        "at": now, "action": action, "actor": actor[:64], "study_uid": study_uid,
+        "sop_instance_uid": sop_instance_uid,
+        "detail": json.dumps(detail, sort_keys=True, default=str) if detail else None,
+    })
 
 
 def find_instance(session: Session, sop_instance_uid: str) -> Instance | None:
     return session.scalar(sa.select(Instance).where(Instance.sop_instance_uid == sop_instance_uid))
 
 
-def record_duplicate(session: Session, instance: Instance, calling_ae: str, now: datetime) -> None:
-    """Count a re-sent instance that is already held; the held copy stays as it is."""
-    instance.receive_count += 1
-    audit(session, AuditAction.INSTANCE_DUPLICATE, calling_ae, now,
-          study_uid=instance.study.study_uid, sop_instance_uid=instance.sop_instance_uid,
-          receive_count=instance.receive_count)
+def _count_duplicate(session: Session, rec: InstanceRecord, now: datetime) -> StoreOutcome:
+    count = session.connection().execute(_COUNT_DUPLICATE, {"sop_uid": rec.sop_instance_uid}
+                                         ).scalar_one()
+    audit(session, AuditAction.INSTANCE_DUPLICATE, rec.calling_ae, now, study_uid=rec.study_uid,
+          sop_instance_uid=rec.sop_instance_uid, receive_count=count)
+    return StoreOutcome.DUPLICATE
 
 
 def record_instance(session: Session, rec: InstanceRecord, now: datetime) -> StoreOutcome:
     """Insert a newly received instance and create, touch or re-open its study.
 
     A re-sent instance (same SOP Instance UID) is counted, not inserted again,
-    and returns :attr:`StoreOutcome.DUPLICATE`.
+    and returns :attr:`StoreOutcome.DUPLICATE`; its study is left as it is.
     """
-    existing = find_instance(session, rec.sop_instance_uid)
-    if existing is not None:
-        record_duplicate(session, existing, rec.calling_ae, now)
-        return StoreOutcome.DUPLICATE
-    study = _study_for_instance(session, rec, now)
-    instance = Instance(
-        study_id=study.id, series_uid=rec.series_uid, sop_instance_uid=rec.sop_instance_uid,
-        sop_class_uid=rec.sop_class_uid, transfer_syntax_uid=rec.transfer_syntax_uid,
-        modality=rec.modality, body_part=rec.body_part, view_position=rec.view_position,
-        eligible=rec.eligible, eligibility_reason=rec.eligibility_reason,
-        spool_path=rec.spool_path, size_bytes=rec.size_bytes, calling_ae=rec.calling_ae,
-        received_at=now, study_revision=study.revision,
-    )
+    conn = session.connection()
+    if conn.execute(_SELECT_INSTANCE, {"sop_uid": rec.sop_instance_uid}).first() is not None:
+        return _count_duplicate(session, rec, now)
+    study_id, revision = _study_for_instance(session, rec, now)
+    values = {
+        "study_id": study_id, "series_uid": rec.series_uid,
+        "sop_instance_uid": rec.sop_instance_uid, "sop_class_uid": rec.sop_class_uid,
+        "transfer_syntax_uid": rec.transfer_syntax_uid, "modality": rec.modality,
+        "body_part": rec.body_part, "view_position": rec.view_position,
+        "eligible": rec.eligible, "eligibility_reason": rec.eligibility_reason,
+        "spool_path": rec.spool_path, "size_bytes": rec.size_bytes, "calling_ae": rec.calling_ae,
+        "received_at": now, "receive_count": 1, "study_revision": revision,
+    }
     try:
-        with session.begin_nested():
-            session.add(instance)
+        with conn.begin_nested():
+            conn.execute(_INSERT_INSTANCE, values)
     except IntegrityError:
         # Another connection inserted the same instance between our check and insert
         # (possible on PostgreSQL; SQLite's BEGIN IMMEDIATE serialises writers).
-        existing = find_instance(session, rec.sop_instance_uid)
-        if existing is None:
-            raise
-        record_duplicate(session, existing, rec.calling_ae, now)
-        return StoreOutcome.DUPLICATE
+        return _count_duplicate(session, rec, now)
     audit(session, AuditAction.INSTANCE_RECEIVED, rec.calling_ae, now,
           study_uid=rec.study_uid, sop_instance_uid=rec.sop_instance_uid,
           eligible=rec.eligible, reason=rec.eligibility_reason, stored=rec.spool_path is not None)
     return StoreOutcome.NEW
 
 
-def _study_for_instance(session: Session, rec: InstanceRecord, now: datetime) -> Study:
-    study = session.scalar(sa.select(Study).where(Study.study_uid == rec.study_uid))
-    if study is None:
-        study = Study(study_uid=rec.study_uid, accession_number=rec.accession_number,
-                      state=StudyState.RECEIVING, revision=1,
-                      first_received_at=now, last_received_at=now)
+def _study_for_instance(session: Session, rec: InstanceRecord, now: datetime) -> tuple[int, int]:
+    """The (id, revision) of the instance's study, created or re-opened as needed."""
+    conn = session.connection()
+    row = conn.execute(_SELECT_STUDY, {"study_uid": rec.study_uid}).first()
+    if row is None:
         try:
-            with session.begin_nested():
-                session.add(study)
-            return study
+            with conn.begin_nested():
+                study_id = conn.execute(_INSERT_STUDY, {
+                    "study_uid": rec.study_uid, "accession_number": rec.accession_number,
+                    "state": StudyState.RECEIVING, "revision": 1, "first_received_at": now,
+                    "last_received_at": now,
+                }).scalar_one()
+            return int(study_id), 1
         except IntegrityError:
-            study = session.scalar(sa.select(Study).where(Study.study_uid == rec.study_uid))
-            if study is None:
+            row = conn.execute(_SELECT_STUDY, {"study_uid": rec.study_uid}).first()
+            if row is None:
                 raise
-    if study.state != StudyState.RECEIVING:
+    study_id, state, revision = row
+    if state != StudyState.RECEIVING:
+        study = session.get_one(Study, study_id)
         _reopen(session, study, rec.calling_ae, now)
-    study.last_received_at = max(study.last_received_at, now)
-    return study
+        session.flush()
+        revision = study.revision
+    conn.execute(_TOUCH_STUDY, {"sid": study_id, "t_new": now})
+    return int(study_id), int(revision)
 
 
 def _reopen(session: Session, study: Study, actor: str, now: datetime) -> None:
@@ -190,13 +215,13 @@ def complete_quiet_studies(session: Session, quiet_period: timedelta, now: datet
         )
         target = StudyState.COMPLETE if has_eligible else StudyState.IGNORED
         check_transition(StudyState.RECEIVING, target)
-        updated = session.execute(
+        updated = cast(sa.CursorResult[Any], session.execute(
             sa.update(Study)
             .where(Study.id == study_id, Study.state == StudyState.RECEIVING,
                    Study.revision == revision, Study.last_received_at <= cutoff)
             .values(state=target, completed_at=now)
             .execution_options(synchronize_session=False)
-        )
+        ))
         if updated.rowcount != 1:
             continue
         job_id = None
