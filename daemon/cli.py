@@ -13,6 +13,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
+from daemon import model_cli
 from daemon.config import Config, load_config
 from daemon.exceptions import ConfigError
 from daemon.logs import configure_logging
@@ -35,6 +36,7 @@ def _parser() -> argparse.ArgumentParser:
     db_sub.add_parser("current", help="print the schema revision")
     status = sub.add_parser("status", help="counts of studies, jobs and instances per state")
     status.add_argument("--json", action="store_true")
+    model_cli.add_parser(sub)
     studies = sub.add_parser("studies", help="recent studies with their state")
     studies.add_argument("--limit", type=int, default=20)
     studies.add_argument("--json", action="store_true")
@@ -75,6 +77,8 @@ def _dispatch(args: argparse.Namespace, config: Config) -> int:
         return _status(args, config)
     if args.command == "studies":
         return _studies(args, config)
+    if args.command == "model":
+        return model_cli.run(args)
     raise AssertionError(args.command)  # argparse guarantees a known command
 
 

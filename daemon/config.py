@@ -20,6 +20,7 @@ from daemon.exceptions import ConfigError
 
 ENV_CONFIG = "OPACITYD_CONFIG"
 ENV_STATE_DIR = "OPACITYD_STATE_DIR"
+ENV_MODEL = "OPACITYD_MODEL"
 
 IneligiblePolicy = Literal["keep", "discard"]
 UnknownPolicy = Literal["accept", "reject"]
@@ -94,6 +95,12 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True)
+class ModelConfig:
+    bundle: str = ""
+    """Path of the model bundle directory; ``$OPACITYD_MODEL`` overrides it."""
+
+
+@dataclass(frozen=True)
 class LoggingConfig:
     level: LogLevel = "info"
     format: LogFormat = "auto"
@@ -106,6 +113,7 @@ class Config:
     receiver: ReceiverConfig = ReceiverConfig()
     eligibility: EligibilityConfig = EligibilityConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
+    model: ModelConfig = ModelConfig()
     logging: LoggingConfig = LoggingConfig()
     source: str = field(default="<embedded defaults>", compare=False)
 
@@ -128,7 +136,10 @@ def load_config(path: str | Path | None = None, env: typing.Mapping[str, str] | 
     """Read and validate the configuration.
 
     ``path`` wins over ``$OPACITYD_CONFIG``; with neither, the embedded
-    defaults are used. ``$OPACITYD_STATE_DIR`` overrides ``paths.state_dir``.
+    defaults are used. ``$OPACITYD_STATE_DIR`` overrides ``paths.state_dir``
+    and ``$OPACITYD_MODEL`` overrides ``model.bundle``; relative paths in the
+    file are resolved against its folder, those in the environment against
+    the working folder.
     Returns a frozen :class:`Config`; raises :class:`ConfigError`.
     """
     env = os.environ if env is None else env
@@ -152,8 +163,12 @@ def load_config(path: str | Path | None = None, env: typing.Mapping[str, str] | 
     state_path = Path(state_dir)
     if not state_path.is_absolute():
         state_path = base_dir / state_path
+    bundle = env.get(ENV_MODEL) or config.model.bundle
+    if bundle and not Path(bundle).is_absolute():
+        bundle = str((base_dir if not env.get(ENV_MODEL) else Path.cwd()) / bundle)
     config = dataclasses.replace(
-        config, paths=PathsConfig(state_dir=str(state_path)), source=source
+        config, paths=PathsConfig(state_dir=str(state_path)), model=ModelConfig(bundle=bundle),
+        source=source,
     )
     _check_semantics(config)
     return config

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
+from pathlib import Path
 from types import FrameType
 
 import structlog
@@ -21,10 +23,13 @@ from daemon.scheduler import build_scheduler
 from daemon.spool import Spool
 from db import migrate
 from db.engine import create_db_engine, make_session_factory
+from model.errors import BundleError
+from model.manifest import Manifest, read_manifest
 
 log = structlog.get_logger("opacityd.serve")
 
 EXIT_IMMEDIATE = 130
+EXIT_NO_MODEL = 2
 
 
 def prepare_database(config: Config) -> None:
@@ -36,6 +41,21 @@ def prepare_database(config: Config) -> None:
         engine.dispose()
     if before != after:
         log.info("database_migrated", from_revision=before, to_revision=after)
+
+
+def check_model(config: Config) -> Manifest:
+    """The configured bundle's manifest, checksum verified; raises :class:`BundleError`.
+
+    The receiver never runs the model, so it checks the bundle without
+    loading Keras; the worker loads it.
+    """
+    if not config.model.bundle:
+        raise BundleError(
+            "no model bundle configured: set model.bundle in the config file or "
+            "OPACITYD_MODEL. To try the daemon with an UNTRAINED demo network: "
+            "opacityd model init-demo state/demo-bundle && "
+            "OPACITYD_MODEL=state/demo-bundle opacityd serve")
+    return read_manifest(Path(config.model.bundle))
 
 
 def serve(config: Config) -> int:
@@ -52,6 +72,15 @@ def serve(config: Config) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
 
+    try:
+        manifest = check_model(config)
+    except BundleError as e:
+        log.error("model_bundle_unusable", error=str(e))
+        print(f"opacityd: {e}", file=sys.stderr)
+        return EXIT_NO_MODEL
+    log.info("model_bundle", model=manifest.name, version=manifest.version,
+             validated=manifest.validated, input_size=manifest.input_size,
+             label=manifest.label)
     config.spool_dir.mkdir(parents=True, exist_ok=True)
     prepare_database(config)
     engine = create_db_engine(config.database_url, config.database.busy_timeout_ms)

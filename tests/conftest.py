@@ -67,7 +67,8 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 20.0, interval: fl
 
 
 def write_config(folder: Path, extra: str = "", *, port: int | None = None,
-                 quiet_s: float = 0.5, grace_s: float = 5.0, log_level: str = "info") -> Path:
+                 quiet_s: float = 0.5, grace_s: float = 5.0, log_level: str = "info",
+                 bundle: Path | None = None) -> Path:
     """A config file for one test: its own state folder, a free port, a short quiet period."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "config.toml"
@@ -76,7 +77,8 @@ def write_config(folder: Path, extra: str = "", *, port: int | None = None,
         f'[paths]\nstate_dir = "{folder / "state"}"\n'
         f'[receiver]\nport = {port or free_port()}\nshutdown_grace_s = {grace_s}\n{receiver_extra}\n'
         f'[scheduler]\nstudy_quiet_period_s = {quiet_s}\ncheck_interval_s = 0.1\n'
-        f'[logging]\nformat = "json"\nlevel = "{log_level}"\n{rest}\n'
+        f'[logging]\nformat = "json"\nlevel = "{log_level}"\n'
+        f'[model]\nbundle = "{bundle or ""}"\n{rest}\n'
     )
     return path
 
@@ -88,6 +90,16 @@ def _split_receiver(extra: str) -> tuple[str, str]:
         if line.strip().startswith("["):
             return "\n".join(lines[:i]), "\n".join(lines[i:])
     return "\n".join(lines), ""
+
+
+@pytest.fixture(scope="session")
+def demo_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An untrained demo bundle at Xception's smallest input size (keeps the suite fast)."""
+    from model.bundle import init_demo_bundle
+
+    bundle = tmp_path_factory.mktemp("bundle") / "demo"
+    init_demo_bundle(bundle, input_size=71)
+    return bundle
 
 
 @dataclass

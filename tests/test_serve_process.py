@@ -75,9 +75,9 @@ def _db(config_path: Path):  # type: ignore[no-untyped-def]
 
 
 def test_kill_9_mid_stream_loses_no_acknowledged_instance(tmp_path: Path,
-                                                          daemons: list[DaemonProcess]) -> None:
+                                                          daemons: list[DaemonProcess], demo_bundle: Path) -> None:
     port = free_port()
-    cfg = write_config(tmp_path / "d", port=port, quiet_s=1.0)
+    cfg = write_config(tmp_path / "d", port=port, quiet_s=1.0, bundle=demo_bundle)
     files = write_series(tmp_path / "in", 300, 256, 256)
     daemon = DaemonProcess(cfg, tmp_path / "daemon.log", port).start()
     daemons.append(daemon)
@@ -115,9 +115,9 @@ def test_kill_9_mid_stream_loses_no_acknowledged_instance(tmp_path: Path,
 
 
 def test_sigterm_lets_the_association_in_flight_finish_then_exits_0(
-        tmp_path: Path, daemons: list[DaemonProcess]) -> None:
+        tmp_path: Path, daemons: list[DaemonProcess], demo_bundle: Path) -> None:
     port = free_port()
-    cfg = write_config(tmp_path / "d", port=port)
+    cfg = write_config(tmp_path / "d", port=port, bundle=demo_bundle)
     files = write_series(tmp_path / "in", 60, 128, 128)
     daemon = DaemonProcess(cfg, tmp_path / "daemon.log", port).start()
     daemons.append(daemon)
@@ -134,9 +134,9 @@ def test_sigterm_lets_the_association_in_flight_finish_then_exits_0(
     assert after == {}
 
 
-def test_second_sigterm_exits_at_once(tmp_path: Path, daemons: list[DaemonProcess]) -> None:
+def test_second_sigterm_exits_at_once(tmp_path: Path, daemons: list[DaemonProcess], demo_bundle: Path) -> None:
     port = free_port()
-    cfg = write_config(tmp_path / "d", port=port, grace_s=60.0)
+    cfg = write_config(tmp_path / "d", port=port, grace_s=60.0, bundle=demo_bundle)
     files = write_series(tmp_path / "in", 400, 256, 256)
     daemon = DaemonProcess(cfg, tmp_path / "daemon.log", port).start()
     daemons.append(daemon)
@@ -153,9 +153,9 @@ def test_second_sigterm_exits_at_once(tmp_path: Path, daemons: list[DaemonProces
 
 
 def test_patient_identifiers_never_appear_in_any_log_line(tmp_path: Path,
-                                                          daemons: list[DaemonProcess]) -> None:
+                                                          daemons: list[DaemonProcess], demo_bundle: Path) -> None:
     port = free_port()
-    cfg = write_config(tmp_path / "d", port=port, log_level="debug")
+    cfg = write_config(tmp_path / "d", port=port, log_level="debug", bundle=demo_bundle)
     daemon = DaemonProcess(cfg, tmp_path / "daemon.log", port).start()
     daemons.append(daemon)
     folder = tmp_path / "in"
