@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
             return _preview(args.file, args.output, args.bundle)
         return _init_demo(args.directory, args.input_size, args.exist_ok)
     except BundleError as e:
-        print(f"opacityd: model bundle error: {e}")
+        print(f"opacityd: model bundle error: {e}", file=sys.stderr)
         return EXIT_ERROR
 
 

@@ -58,8 +58,8 @@ def _chest_like(ds: Dataset, seed: int = 0, bits: int = 12) -> Dataset:
 def test_real_lossless_encodings_give_the_same_input(shared_dicom: Path, original: str,
                                                      copies: list[str]) -> None:
     reference = preprocess(shared_dicom / original, SPEC)
-    for copy in copies:
-        _same(reference, preprocess(shared_dicom / copy, SPEC))
+    for name in copies:
+        _same(reference, preprocess(shared_dicom / name, SPEC))
 
 
 def test_real_monochrome1_and_its_monochrome2_inversion_give_the_same_input(shared_dicom: Path) -> None:

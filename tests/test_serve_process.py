@@ -74,8 +74,8 @@ def _db(config_path: Path):  # type: ignore[no-untyped-def]
     return config, engine, make_session_factory(engine)
 
 
-def test_kill_9_mid_stream_loses_no_acknowledged_instance(tmp_path: Path,
-                                                          daemons: list[DaemonProcess], demo_bundle: Path) -> None:
+def test_kill_9_mid_stream_loses_no_acknowledged_instance(
+        tmp_path: Path, daemons: list[DaemonProcess], demo_bundle: Path) -> None:
     port = free_port()
     cfg = write_config(tmp_path / "d", port=port, quiet_s=1.0, bundle=demo_bundle)
     files = write_series(tmp_path / "in", 300, 256, 256)
@@ -134,7 +134,8 @@ def test_sigterm_lets_the_association_in_flight_finish_then_exits_0(
     assert after == {}
 
 
-def test_second_sigterm_exits_at_once(tmp_path: Path, daemons: list[DaemonProcess], demo_bundle: Path) -> None:
+def test_second_sigterm_exits_at_once(tmp_path: Path, daemons: list[DaemonProcess],
+                                      demo_bundle: Path) -> None:
     port = free_port()
     cfg = write_config(tmp_path / "d", port=port, grace_s=60.0, bundle=demo_bundle)
     files = write_series(tmp_path / "in", 400, 256, 256)
@@ -152,8 +153,8 @@ def test_second_sigterm_exits_at_once(tmp_path: Path, daemons: list[DaemonProces
     scu.wait()
 
 
-def test_patient_identifiers_never_appear_in_any_log_line(tmp_path: Path,
-                                                          daemons: list[DaemonProcess], demo_bundle: Path) -> None:
+def test_patient_identifiers_never_appear_in_any_log_line(
+        tmp_path: Path, daemons: list[DaemonProcess], demo_bundle: Path) -> None:
     port = free_port()
     cfg = write_config(tmp_path / "d", port=port, log_level="debug", bundle=demo_bundle)
     daemon = DaemonProcess(cfg, tmp_path / "daemon.log", port).start()
