@@ -1,0 +1,161 @@
+"""Model benchmark: preprocessing and prediction rates, and file-to-probability end to end.
+
+    python -m bench.model [--bundle DIR] [--images 24] [--workdir bench/out/model]
+
+Prints, on this machine:
+- preprocessing images/s for 2500x2048 16-bit DX (uncompressed and JPEG 2000
+  lossless) and 512x512, beside the naive chain (equalize_hist at full size,
+  then skimage resize) as the reference;
+- predict images/s at batch 1, 8 and 32 on ready tensors (the bare network);
+- end to end (files -> decode -> preprocess in a thread pool -> batches of 8
+  -> probabilities) as a ratio of the bare network at batch 8.
+Without --bundle an untrained demo bundle at 299 px is created in the workdir
+(speed does not depend on the weights).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.uid import JPEG2000Lossless
+from skimage.exposure import equalize_hist
+from skimage.transform import resize
+
+from model.preprocess import PreprocessSpec, preprocess, read_dicom
+from tests.factories import make_dx
+
+
+def _progress(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _radiograph(rows: int, cols: int, seed: int) -> pydicom.Dataset:
+    """A 16-bit image with smooth anatomy-like structure (compresses like a real one)."""
+    ds = make_dx(rows, cols, seed=seed)
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:rows, 0:cols].astype(np.float32)
+    body = np.sin(xx / (cols / 9)) * np.cos(yy / (rows / 7)) + 1.5
+    pixels = body / 2.5 * 50000 + rng.normal(0, 300, (rows, cols))
+    ds.PixelData = np.clip(pixels, 0, 65535).astype(np.uint16).tobytes()
+    return ds
+
+
+def make_inputs(workdir: Path, count: int) -> dict[str, list[Path]]:
+    sets: dict[str, list[Path]] = {}
+    for label, (rows, cols), compress in (("2500x2048 uncompressed", (2500, 2048), False),
+                                          ("2500x2048 JPEG 2000 lossless", (2500, 2048), True),
+                                          ("512x512 uncompressed", (512, 512), False)):
+        folder = workdir / label.replace(" ", "_")
+        folder.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for i in range(count):
+            path = folder / f"{i:03d}.dcm"
+            if not path.exists():
+                ds = _radiograph(rows, cols, i)
+                if compress:
+                    ds.compress(JPEG2000Lossless)
+                ds.save_as(path, enforce_file_format=True)
+            paths.append(path)
+        sets[label] = paths
+        _progress(f"inputs ready: {label} x {count}")
+    return sets
+
+
+def _rate(fn: Callable[[Path], object], paths: list[Path]) -> float:
+    started = time.perf_counter()
+    for p in paths:
+        fn(p)
+    return len(paths) / (time.perf_counter() - started)
+
+
+def naive_chain(path: Path, size: int) -> np.ndarray:
+    """The chain measured before this pipeline: equalize at full size, then resize."""
+    image = read_dicom(path).pixel_array.astype(np.float32)
+    return resize(equalize_hist(image), (size, size), anti_aliasing=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--bundle", type=Path)
+    p.add_argument("--images", type=int, default=24)
+    p.add_argument("--workdir", type=Path, default=Path("bench/out/model"))
+    p.add_argument("--threads", type=int, default=2, help="preprocessing threads end to end")
+    args = p.parse_args(argv)
+    workdir = args.workdir.resolve()
+    bundle = args.bundle
+    if bundle is None:
+        bundle = workdir / "demo-bundle-299"
+        if not (bundle / "manifest.json").exists():
+            from model.bundle import init_demo_bundle
+
+            _progress("creating an untrained 299 px demo bundle ...")
+            init_demo_bundle(bundle, 299)
+    from model.predictor import Predictor
+
+    predictor = Predictor(bundle, warm_up_batch=8)
+    spec: PreprocessSpec = predictor.manifest.preprocessing
+    size = spec.input_size
+    sets = make_inputs(workdir / "inputs", args.images)
+    print(f"\nmodel benchmark: {os.cpu_count()} CPUs, {platform.platform()}, device {predictor.device}, "
+          f"input {size} px, {args.images} images per set")
+
+    print("\npreprocessing (file -> model input), images/s:")
+    pre_rates = {}
+    for label, paths in sets.items():
+        _progress(f"preprocess {label} ...")
+        ours = _rate(lambda path: preprocess(path, spec), paths)
+        naive = _rate(lambda path: naive_chain(path, size), paths[: max(4, len(paths) // 4)])
+        pre_rates[label] = ours
+        print(f"  {label:<30} ours {ours:7.1f}/s ({1000 / ours:6.1f} ms)   "
+              f"naive equalize-then-resize {naive:6.1f}/s ({1000 / naive:6.1f} ms)   x{ours / naive:.1f}")
+
+    print(f"\npredict on ready tensors ({size} px), images/s:")
+    rng = np.random.default_rng(0)
+    net_rates = {}
+    for batch_size in (1, 8, 32):
+        batch = rng.uniform(-1, 1, (batch_size, size, size, 3)).astype(np.float32)
+        predictor.predict(batch)
+        rounds = max(2, 48 // batch_size)
+        started = time.perf_counter()
+        for _ in range(rounds):
+            predictor.predict(batch)
+        net_rates[batch_size] = rounds * batch_size / (time.perf_counter() - started)
+        print(f"  batch {batch_size:>2}: {net_rates[batch_size]:6.1f}/s "
+              f"({1000 / net_rates[batch_size]:6.1f} ms per image)")
+    per_image_net = 1000 / net_rates[8]
+    big = 1000 / pre_rates["2500x2048 uncompressed"]
+    print(f"\n  2500x2048 preprocessing {big:.1f} ms vs network {per_image_net:.1f} ms per image "
+          f"(batch 8): {'below' if big < per_image_net else 'ABOVE'} the network's cost")
+
+    print("\nend to end (files -> probabilities, batch 8, "
+          f"{args.threads} preprocessing threads overlapping inference):")
+    for label, paths in sets.items():
+        _progress(f"end to end {label} ...")
+        started = time.perf_counter()
+        with ThreadPoolExecutor(args.threads) as pool:
+            pending = pool.map(lambda path: preprocess(path, spec).array, paths)
+            batch: list[np.ndarray] = []
+            for array in pending:
+                batch.append(array)
+                if len(batch) == 8:
+                    predictor.predict(np.stack(batch))
+                    batch = []
+            if batch:
+                predictor.predict(np.stack(batch))
+        rate = len(paths) / (time.perf_counter() - started)
+        print(f"  {label:<30} {rate:6.1f}/s   bare network {net_rates[8]:6.1f}/s   "
+              f"ratio {rate / net_rates[8]:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
