@@ -121,7 +121,11 @@ def run_opacityd(workdir: Path, files: list[Path], associations: int, megabytes:
     folder = workdir / "opacityd"
     shutil.rmtree(folder, ignore_errors=True)
     port = free_port()
-    cfg = write_config(folder, port=port, quiet_s=5.0)
+    bundle = workdir / "demo-bundle"
+    if not (bundle / "manifest.json").exists():
+        subprocess.run([OPACITYD, "model", "init-demo", str(bundle), "--input-size", "71"], check=True,
+                       capture_output=True)
+    cfg = write_config(folder, port=port, quiet_s=5.0, bundle=bundle)
     with (folder / "daemon.log").open("wb") as log:
         proc = subprocess.Popen([OPACITYD, "--config", str(cfg), "serve"], stdout=log,
                                 stderr=subprocess.STDOUT)
