@@ -88,33 +88,32 @@ def _push(port: int, aec: str, files: list[Path], associations: int) -> tuple[fl
     return elapsed, acked
 
 
+def _run_reference(name: str, argv: list[str], aec: str, port: int, files: list[Path],
+                   associations: int, megabytes: float) -> Run:
+    """Start a reference receiver, push the files to it, stop it."""
+    proc = subprocess.Popen(argv, env=DCMTK_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_echo(port, aec, proc)
+        seconds, acked = _push(port, aec, files, associations)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    return Run(name, associations, seconds, len(files), megabytes, acked, None)
+
+
 def run_storescp(workdir: Path, files: list[Path], associations: int, megabytes: float) -> Run:
     out = workdir / "storescp"
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     port = free_port()
-    args = [STORESCP, "-aet", "PACS", "-od", str(out), "--fork", str(port)]
-    proc = subprocess.Popen(args, env=DCMTK_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        _wait_echo(port, "PACS", proc)
-        seconds, acked = _push(port, "PACS", files, associations)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-    return Run("storescp", associations, seconds, len(files), megabytes, acked, None)
+    argv = [STORESCP, "-aet", "PACS", "-od", str(out), "--fork", str(port)]
+    return _run_reference("storescp", argv, "PACS", port, files, associations, megabytes)
 
 
-def run_null_scp(workdir: Path, files: list[Path], associations: int, megabytes: float) -> Run:
+def run_null_scp(files: list[Path], associations: int, megabytes: float) -> Run:
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "bench.null_scp", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        _wait_echo(port, "NULLSCP", proc)
-        seconds, acked = _push(port, "NULLSCP", files, associations)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-    return Run("pynetdicom-null", associations, seconds, len(files), megabytes, acked, None)
+    argv = [sys.executable, "-m", "bench.null_scp", str(port)]
+    return _run_reference("pynetdicom-null", argv, "NULLSCP", port, files, associations, megabytes)
 
 
 def run_opacityd(workdir: Path, files: list[Path], associations: int, megabytes: float) -> Run:
@@ -161,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
             _progress(f"[{associations} assoc, run {i + 1}/{args.repeat}] storescp ...")
             ref = run_storescp(args.workdir, files, associations, megabytes)
             _progress(f"[{associations} assoc, run {i + 1}/{args.repeat}] pynetdicom null SCP ...")
-            floor = run_null_scp(args.workdir, files, associations, megabytes)
+            floor = run_null_scp(files, associations, megabytes)
             _progress(f"[{associations} assoc, run {i + 1}/{args.repeat}] opacityd serve ...")
             ours = run_opacityd(args.workdir, files, associations, megabytes)
             results.append((ref, floor, ours))
