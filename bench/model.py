@@ -143,14 +143,14 @@ def main(argv: list[str] | None = None) -> int:
         started = time.perf_counter()
         with ThreadPoolExecutor(args.threads) as pool:
             pending = pool.map(lambda path: preprocess(path, spec).array, paths)
-            batch: list[np.ndarray] = []
+            ready: list[np.ndarray] = []
             for array in pending:
-                batch.append(array)
-                if len(batch) == 8:
-                    predictor.predict(np.stack(batch))
-                    batch = []
-            if batch:
-                predictor.predict(np.stack(batch))
+                ready.append(array)
+                if len(ready) == 8:
+                    predictor.predict(np.stack(ready))
+                    ready = []
+            if ready:
+                predictor.predict(np.stack(ready))
         rate = len(paths) / (time.perf_counter() - started)
         print(f"  {label:<30} {rate:6.1f}/s   bare network {net_rates[8]:6.1f}/s   "
               f"ratio {rate / net_rates[8]:.2f}")
