@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
 import sys
 from collections.abc import Sequence
@@ -17,8 +18,9 @@ from daemon import model_cli
 from daemon.config import Config, load_config
 from daemon.exceptions import ConfigError
 from daemon.logs import configure_logging
-from db import migrate, queue
+from db import deliveries, jobs, migrate, queue
 from db.engine import create_db_engine, make_session_factory, unit_of_work
+from db.states import DeliveryState
 
 EXIT_OK, EXIT_ERROR, EXIT_CONFIG = 0, 1, 2
 
@@ -27,7 +29,18 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="opacityd", description=__doc__)
     p.add_argument("-c", "--config", help="config file (default: $OPACITYD_CONFIG, else built-in defaults)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    sub.add_parser("serve", help="run the DICOM receiver and the scheduler")
+    sub.add_parser("serve", help="run the DICOM receiver, the scheduler and the sender "
+                                 "(and a worker unless worker.embedded = false)")
+    sub.add_parser("worker", help="score queued studies and write their SRs")
+    requeue = sub.add_parser("requeue", help="put failed jobs back in the queue")
+    target = requeue.add_mutually_exclusive_group(required=True)
+    target.add_argument("study_uid", nargs="?")
+    target.add_argument("--failed", action="store_true", help="every failed job")
+    dl = sub.add_parser("deliveries", help="pending and failed SR deliveries")
+    dl.add_argument("--all", action="store_true", help="include delivered ones")
+    dl.add_argument("--json", action="store_true")
+    resend = sub.add_parser("resend", help="send a study's latest SR again")
+    resend.add_argument("study_uid")
     check = sub.add_parser("check-config", help="validate a config file and print the result")
     check.add_argument("path", nargs="?", help="file to check (default: as --config)")
     db = sub.add_parser("db", help="database maintenance")
@@ -71,8 +84,14 @@ def _dispatch(args: argparse.Namespace, config: Config) -> int:
         from daemon.serve import serve
 
         return serve(config)
+    if args.command == "worker":
+        from daemon.worker import run_worker
+
+        return run_worker(config)
     if args.command == "db":
         return _db(args, config)
+    if args.command in ("requeue", "deliveries", "resend"):
+        return _queue_command(args, config)
     if args.command == "status":
         return _status(args, config)
     if args.command == "studies":
@@ -114,6 +133,41 @@ def _status(args: argparse.Namespace, config: Config) -> int:
         return EXIT_OK
     for group, values in counts.items():
         print(f"{group:<10} " + "  ".join(f"{k}={v}" for k, v in values.items()))
+    return EXIT_OK
+
+
+def _queue_command(args: argparse.Namespace, config: Config) -> int:
+    engine, sessions = _open_sessions(config)
+    now = datetime.now(UTC)
+    actor = f"operator:{getpass.getuser()}"
+    try:
+        with unit_of_work(sessions) as session:
+            if args.command == "requeue":
+                count = jobs.requeue_failed(session, now, actor,
+                                            None if args.failed else args.study_uid)
+                print(f"requeued {count} failed job(s)")
+                return EXIT_OK if count or args.failed else EXIT_ERROR
+            if args.command == "resend":
+                count = deliveries.resend(session, args.study_uid, now, actor)
+                print(f"re-queued {count} delivery(ies) of the latest SR" if count
+                      else "no SR recorded for that study")
+                return EXIT_OK if count else EXIT_ERROR
+            states = tuple(DeliveryState) if args.all else (DeliveryState.PENDING,
+                                                             DeliveryState.FAILED)
+            rows = deliveries.listing(session, states)
+    finally:
+        engine.dispose()
+    if args.json:
+        print(json.dumps([{"study_uid": r.study_uid, "destination": r.destination,
+                           "state": r.state.value, "attempts": r.attempts,
+                           "last_reason": r.last_reason, "sr": r.sr_sop_instance_uid,
+                           "next_attempt_at": r.next_attempt_at.isoformat()} for r in rows],
+                         indent=2))
+        return EXIT_OK
+    print(f"{'STUDY UID':<64} {'DESTINATION':<12} {'STATE':<10} {'TRIES':>5} LAST REASON")
+    for r in rows:
+        print(f"{r.study_uid:<64} {r.destination:<12} {r.state.value:<10} {r.attempts:>5} "
+              f"{r.last_reason or '-'}")
     return EXIT_OK
 
 

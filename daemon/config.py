@@ -95,6 +95,41 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True)
+class WorkerConfig:
+    embedded: bool = True
+    """`opacityd serve` starts (and restarts) one `opacityd worker` process."""
+    batch_size: int = 8
+    threads: int = 2
+    """Preprocessing threads; decoding overlaps inference."""
+    poll_interval_s: float = 0.5
+    lease_s: float = 300.0
+    max_attempts: int = 5
+    retry_base_s: float = 2.0
+
+
+@dataclass(frozen=True)
+class DeliveryConfig:
+    enabled: bool = True
+    """False: shadow mode. Everything is scored and recorded, nothing is sent."""
+    poll_interval_s: float = 1.0
+    max_attempts: int = 10
+    retry_base_s: float = 5.0
+    retry_max_s: float = 600.0
+    timeout_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class DestinationConfig:
+    name: str = ""
+    host: str = ""
+    port: int = 104
+    called_ae: str = ""
+    calling_ae: str = "OPACITYD"
+    enabled: bool = True
+    tls: TLSConfig = TLSConfig(require_client_certificate=False)
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     bundle: str = ""
     """Path of the model bundle directory; ``$OPACITYD_MODEL`` overrides it."""
@@ -114,6 +149,9 @@ class Config:
     eligibility: EligibilityConfig = EligibilityConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
     model: ModelConfig = ModelConfig()
+    worker: WorkerConfig = WorkerConfig()
+    delivery: DeliveryConfig = DeliveryConfig()
+    destinations: tuple[DestinationConfig, ...] = ()
     logging: LoggingConfig = LoggingConfig()
     source: str = field(default="<embedded defaults>", compare=False)
 
@@ -272,6 +310,25 @@ def _check_semantics(config: Config) -> None:
             _require(bool(r.tls.ca_certificates) and Path(r.tls.ca_certificates).is_file(),
                      "receiver.tls.ca_certificates", r.tls.ca_certificates,
                      "an existing PEM file when client certificates are required")
+    w = config.worker
+    for name in ("batch_size", "threads", "max_attempts"):
+        _require(getattr(w, name) >= 1, f"worker.{name}", getattr(w, name), "an integer >= 1")
+    for name in ("poll_interval_s", "lease_s", "retry_base_s"):
+        _require(getattr(w, name) > 0, f"worker.{name}", getattr(w, name), "a number > 0")
+    d = config.delivery
+    _require(d.max_attempts >= 1, "delivery.max_attempts", d.max_attempts, "an integer >= 1")
+    for name in ("poll_interval_s", "retry_base_s", "retry_max_s", "timeout_s"):
+        _require(getattr(d, name) > 0, f"delivery.{name}", getattr(d, name), "a number > 0")
+    names = [dest.name for dest in config.destinations]
+    for i, dest in enumerate(config.destinations):
+        key = f"destinations[{i}]"
+        _require(bool(dest.name) and names.count(dest.name) == 1, f"{key}.name", dest.name,
+                 "a unique, non-empty name")
+        _require(bool(dest.host), f"{key}.host", dest.host, "a host name or address")
+        _require(1 <= dest.port <= 65535, f"{key}.port", dest.port, "an integer from 1 to 65535")
+        for field_name in ("called_ae", "calling_ae"):
+            value = getattr(dest, field_name)
+            _require(valid_ae_title(value), f"{key}.{field_name}", value, "a DICOM AE title")
     s = config.scheduler
     _require(s.study_quiet_period_s > 0, "scheduler.study_quiet_period_s",
              s.study_quiet_period_s, "a number of seconds > 0")

@@ -230,7 +230,6 @@ class Receiver:
             log.info("association_requested", assoc_id=self._assoc_id(event.assoc),
                      calling_ae=calling, address=address)
             return
-        event.assoc.acse.send_reject(REJECTED_PERMANENT, SOURCE_SERVICE_USER, reason.diagnostic)
         log.warning("association_rejected", calling_ae=calling, called_ae=called, address=address,
                     reason=reason.label)
         try:
@@ -239,6 +238,10 @@ class Receiver:
                                                   reason.label, utcnow())
         except SQLAlchemyError as e:
             log.error("audit_write_failed", error=type(e).__name__)
+        event.assoc.acse.send_reject(REJECTED_PERMANENT, SOURCE_SERVICE_USER, reason.diagnostic)
+        # As pynetdicom's own rejections do: wait until the DUL has sent the A-ASSOCIATE-RJ,
+        # or the socket may close first and the peer sees only an abort.
+        event.assoc.kill()
 
     def _on_echo(self, event: Event) -> int:
         log.info("echo", assoc_id=self._assoc_id(event.assoc),

@@ -1,4 +1,4 @@
-"""Periodic jobs run by apscheduler inside `opacityd serve`: study completion."""
+"""Periodic jobs run by apscheduler inside `opacityd serve`: study completion, SR delivery."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from daemon.config import SchedulerConfig
+from daemon.config import Config
+from daemon.sender import send_due
+from daemon.spool import Spool
 from db import queue
 from db.engine import unit_of_work
 
@@ -33,11 +35,20 @@ def complete_studies(sessions: sessionmaker[Session], quiet_period: timedelta) -
     return len(closed)
 
 
-def build_scheduler(cfg: SchedulerConfig, sessions: sessionmaker[Session]) -> BackgroundScheduler:
+def build_scheduler(config: Config, sessions: sessionmaker[Session],
+                    spool: Spool | None = None) -> BackgroundScheduler:
+    """Study completion, and with a spool, delivery of due SRs."""
+    cfg = config.scheduler
     scheduler = BackgroundScheduler(timezone=UTC)
     scheduler.add_job(
         complete_studies, "interval", seconds=cfg.check_interval_s,
         args=(sessions, timedelta(seconds=cfg.study_quiet_period_s)),
         id="complete_studies", max_instances=1, coalesce=True, misfire_grace_time=None,
     )
+    if spool is not None and config.delivery.enabled:
+        scheduler.add_job(
+            send_due, "interval", seconds=config.delivery.poll_interval_s,
+            args=(config, sessions, spool), id="send_due", max_instances=1, coalesce=True,
+            misfire_grace_time=None,
+        )
     return scheduler

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -41,6 +42,41 @@ def prepare_database(config: Config) -> None:
         engine.dispose()
     if before != after:
         log.info("database_migrated", from_revision=before, to_revision=after)
+
+
+class WorkerSupervisor:
+    """Runs `opacityd worker` as a child process and restarts it when it dies."""
+
+    def __init__(self, config: Config) -> None:
+        self.argv = [sys.executable, "-m", "daemon.cli"]
+        if config.source != "<embedded defaults>":
+            self.argv += ["--config", config.source]
+        self.argv.append("worker")
+        self.env = {**os.environ, "OPACITYD_STATE_DIR": str(config.state_dir),
+                    "OPACITYD_MODEL": config.model.bundle}
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.restarts = 0
+        self._start()
+
+    def _start(self) -> None:
+        self.proc = subprocess.Popen(self.argv, env=self.env)
+        log.info("worker_process_started", pid=self.proc.pid, restarts=self.restarts)
+
+    def check(self) -> None:
+        if self.proc is not None and self.proc.poll() is not None:
+            log.error("worker_process_exited", code=self.proc.returncode, restarting=True)
+            self.restarts += 1
+            self._start()
+
+    def stop(self, grace_s: float) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
 
 
 def check_model(config: Config) -> Manifest:
@@ -91,8 +127,9 @@ def serve(config: Config) -> int:
         log.warning("spool_temp_files_removed", count=removed)
 
     receiver = Receiver(config, sessions, spool)
-    scheduler = build_scheduler(config.scheduler, sessions)
+    scheduler = build_scheduler(config, sessions, spool)
     scheduler.start()
+    worker = WorkerSupervisor(config) if config.worker.embedded else None
     try:
         receiver.start()
     except OSError as e:
@@ -102,8 +139,12 @@ def serve(config: Config) -> int:
         return 1
     log.info("serving", config=config.source, state_dir=str(config.state_dir),
              database=engine.url.render_as_string(hide_password=True))
-    stop.wait()
+    while not stop.wait(1.0):
+        if worker is not None:
+            worker.check()
     receiver.stop(config.receiver.shutdown_grace_s)
+    if worker is not None:
+        worker.stop(config.receiver.shutdown_grace_s)
     scheduler.shutdown(wait=True)
     engine.dispose()
     log.info("stopped")

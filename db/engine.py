@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy import event
@@ -72,3 +72,18 @@ def sqlite_pragmas(engine: Engine) -> dict[str, Any]:
             name: conn.exec_driver_sql(f"PRAGMA {name}").scalar()
             for name in ("journal_mode", "synchronous", "foreign_keys", "busy_timeout")
         }
+
+
+_Select = TypeVar("_Select", bound=sa.Select)  # type: ignore[type-arg]  # any row shape
+
+
+def locks_rows(session: Session) -> bool:
+    """Whether claims must lock rows: PostgreSQL yes; SQLite serialises writers already."""
+    return session.get_bind().dialect.name == "postgresql"
+
+
+def for_claim(stmt: _Select, session: Session) -> _Select:
+    """Candidate rows for a claim: ``FOR UPDATE SKIP LOCKED`` where the dialect has it."""
+    if locks_rows(session):
+        return stmt.with_for_update(skip_locked=True)
+    return stmt

@@ -12,7 +12,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
-from db.states import AuditAction, JobState, StudyState
+from db.states import AuditAction, DeliveryState, JobState, StudyState
 
 UID = sa.String(64)
 
@@ -104,6 +104,8 @@ class Job(Base):
     attempts: Mapped[int] = mapped_column(default=0)
     lease_owner: Mapped[str | None] = mapped_column(sa.String(128))
     lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    """A retried job is not claimed before this time."""
     last_error: Mapped[str | None] = mapped_column(sa.Text)
 
     study: Mapped[Study] = relationship(back_populates="jobs")
@@ -121,3 +123,46 @@ class AuditEvent(Base):
     sop_instance_uid: Mapped[str | None] = mapped_column(UID)
     detail: Mapped[str | None] = mapped_column(sa.Text)
     """Short JSON object; never patient data."""
+
+
+class Result(Base):
+    """One scoring of one study revision by one model; the SR built from it."""
+
+    __tablename__ = "results"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    job_id: Mapped[int] = mapped_column(sa.ForeignKey("jobs.id"), unique=True)
+    study_id: Mapped[int] = mapped_column(sa.ForeignKey("studies.id"), index=True)
+    study_revision: Mapped[int]
+    model_name: Mapped[str] = mapped_column(sa.String(64))
+    model_version: Mapped[str] = mapped_column(sa.String(64))
+    model_validated: Mapped[bool]
+    probability: Mapped[float | None]
+    """Study level: the maximum over its scored images; NULL when not analysable."""
+    decision: Mapped[bool | None]
+    threshold: Mapped[float]
+    priority: Mapped[str] = mapped_column(sa.String(32), index=True)
+    sr_sop_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
+    sr_series_uid: Mapped[str] = mapped_column(UID)
+    sr_path: Mapped[str] = mapped_column(sa.String(255))
+    detail: Mapped[str] = mapped_column(sa.Text)
+    """JSON: per-image probabilities and refusal reasons (SOP Instance UIDs only)."""
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class Delivery(Base):
+    """One SR to one destination."""
+
+    __tablename__ = "deliveries"
+    __table_args__ = (sa.UniqueConstraint("result_id", "destination"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    result_id: Mapped[int] = mapped_column(sa.ForeignKey("results.id"), index=True)
+    destination: Mapped[str] = mapped_column(sa.String(64))
+    state: Mapped[DeliveryState] = mapped_column(_enum(DeliveryState), index=True)
+    attempts: Mapped[int] = mapped_column(default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
+    last_reason: Mapped[str | None] = mapped_column(sa.String(64))
+    last_detail: Mapped[str | None] = mapped_column(sa.Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime())

@@ -7,6 +7,7 @@ called only from :mod:`db.queue`.
 from __future__ import annotations
 
 import enum
+from typing import Any
 
 from db.exceptions import InvalidTransition
 
@@ -29,6 +30,13 @@ class JobState(enum.StrEnum):
     """A later revision of the study (late instances) replaced this job before it ran."""
 
 
+class DeliveryState(enum.StrEnum):
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+    """Gave up after the configured number of attempts; `opacityd resend` re-queues it."""
+
+
 class AuditAction(enum.StrEnum):
     INSTANCE_RECEIVED = "instance_received"
     INSTANCE_DUPLICATE = "instance_duplicate"
@@ -39,6 +47,16 @@ class AuditAction(enum.StrEnum):
     STUDY_REOPENED = "study_reopened"
     JOB_ENQUEUED = "job_enqueued"
     JOB_SUPERSEDED = "job_superseded"
+    JOB_CLAIMED = "job_claimed"
+    JOB_DONE = "job_done"
+    JOB_RETRY = "job_retry"
+    JOB_FAILED = "job_failed"
+    JOB_REQUEUED = "job_requeued"
+    RESULT_RECORDED = "result_recorded"
+    DELIVERY_SENT = "delivery_sent"
+    DELIVERY_RETRY = "delivery_retry"
+    DELIVERY_FAILED = "delivery_failed"
+    DELIVERY_REQUEUED = "delivery_requeued"
 
 
 STUDY_TRANSITIONS: dict[StudyState, frozenset[StudyState]] = {
@@ -56,8 +74,18 @@ JOB_TRANSITIONS: dict[JobState, frozenset[JobState]] = {
 }
 
 
+DELIVERY_TRANSITIONS: dict[DeliveryState, frozenset[DeliveryState]] = {
+    DeliveryState.PENDING: frozenset({DeliveryState.DELIVERED, DeliveryState.FAILED}),
+    DeliveryState.FAILED: frozenset({DeliveryState.PENDING}),
+    DeliveryState.DELIVERED: frozenset({DeliveryState.PENDING}),
+}
+
+
 def check_transition(current: enum.StrEnum, target: enum.StrEnum) -> None:
     """Raise :class:`InvalidTransition` unless ``current -> target`` is allowed."""
-    table: dict = STUDY_TRANSITIONS if isinstance(current, StudyState) else JOB_TRANSITIONS
-    if target not in table[current]:
+    tables: dict[type, dict[Any, frozenset[Any]]] = {
+        StudyState: STUDY_TRANSITIONS, JobState: JOB_TRANSITIONS,
+        DeliveryState: DELIVERY_TRANSITIONS,
+    }
+    if target not in tables[type(current)][current]:
         raise InvalidTransition(type(current).__name__, current.value, target.value)

@@ -128,7 +128,7 @@ def running_receiver(folder: Path, extra: str = "") -> Iterator[Harness]:
     sessions = make_session_factory(engine)
     spool = Spool(config.spool_dir)
     receiver = Receiver(config, sessions, spool)
-    scheduler = build_scheduler(config.scheduler, sessions)
+    scheduler = build_scheduler(config, sessions)
     scheduler.start()
     receiver.start()
     try:

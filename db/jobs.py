@@ -1,0 +1,193 @@
+"""Scoring jobs: claim under a lease, finish with a result and its deliveries, retry, requeue.
+
+A claim is a conditional UPDATE (the job is still claimable), so two workers
+never hold the same job; on PostgreSQL the candidate rows are also locked with
+``FOR UPDATE SKIP LOCKED`` (see :func:`db.engine.for_claim`). A job whose
+lease expired (its worker died) is claimable again.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, cast
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from db.engine import for_claim, locks_rows
+from db.models import Delivery, Instance, Job, Result, Study
+from db.queue import audit, set_job_state
+from db.states import AuditAction, DeliveryState, JobState
+
+
+@dataclass(frozen=True)
+class ClaimedJob:
+    job_id: int
+    study_id: int
+    study_uid: str
+    revision: int
+    attempts: int
+
+
+@dataclass(frozen=True)
+class JobInput:
+    sop_instance_uid: str
+    spool_path: str | None
+    eligible: bool
+    reason: str
+
+
+@dataclass(frozen=True)
+class ResultRecord:
+    model_name: str
+    model_version: str
+    model_validated: bool
+    probability: float | None
+    decision: bool | None
+    threshold: float
+    priority: str
+    sr_sop_instance_uid: str
+    sr_series_uid: str
+    sr_path: str
+    detail: dict[str, Any]
+
+
+def _claimable(now: datetime) -> sa.ColumnElement[bool]:
+    queued = sa.and_(Job.state == JobState.QUEUED,
+                     sa.or_(Job.next_attempt_at.is_(None), Job.next_attempt_at <= now))
+    abandoned = sa.and_(Job.state == JobState.RUNNING, Job.lease_expires_at < now)
+    return sa.or_(queued, abandoned)
+
+
+def claim_jobs(session: Session, owner: str, lease: timedelta, now: datetime,
+               limit: int) -> list[ClaimedJob]:
+    """Claim up to ``limit`` jobs for ``owner``, oldest first."""
+    candidates = session.execute(for_claim(
+        sa.select(Job.id).where(_claimable(now)).order_by(Job.id).limit(limit), session)).scalars().all()
+    claimed: list[ClaimedJob] = []
+    for job_id in candidates:
+        updated = cast(sa.CursorResult[Any], session.execute(
+            sa.update(Job).where(Job.id == job_id, _claimable(now))
+            .values(state=JobState.RUNNING, lease_owner=owner, lease_expires_at=now + lease,
+                    attempts=Job.attempts + 1, updated_at=now)
+            .execution_options(synchronize_session=False)))
+        if updated.rowcount != 1:
+            continue
+        row = session.execute(
+            sa.select(Job.id, Job.study_id, Study.study_uid, Job.study_revision, Job.attempts)
+            .join(Study, Study.id == Job.study_id).where(Job.id == job_id)).one()
+        claimed.append(ClaimedJob(*row))
+        audit(session, AuditAction.JOB_CLAIMED, owner, now, study_uid=row[2], job_id=job_id,
+              attempt=row[4])
+    return claimed
+
+
+def renew_lease(session: Session, job_id: int, owner: str, lease: timedelta, now: datetime) -> bool:
+    """Extend our lease; False when the job is no longer ours (it was reclaimed)."""
+    updated = cast(sa.CursorResult[Any], session.execute(
+        sa.update(Job).where(Job.id == job_id, Job.state == JobState.RUNNING,
+                             Job.lease_owner == owner)
+        .values(lease_expires_at=now + lease).execution_options(synchronize_session=False)))
+    return updated.rowcount == 1
+
+
+def job_inputs(session: Session, study_id: int) -> list[JobInput]:
+    rows = session.execute(
+        sa.select(Instance.sop_instance_uid, Instance.spool_path, Instance.eligible,
+                  Instance.eligibility_reason)
+        .where(Instance.study_id == study_id).order_by(Instance.id)).all()
+    return [JobInput(*row) for row in rows]
+
+
+def latest_result(session: Session, study_id: int) -> Result | None:
+    return session.scalar(sa.select(Result).where(Result.study_id == study_id)
+                          .order_by(Result.id.desc()).limit(1))
+
+
+def _own_running_job(session: Session, job_id: int, owner: str) -> Job | None:
+    job = session.get(Job, job_id, with_for_update=locks_rows(session))
+    if job is None or job.state != JobState.RUNNING or job.lease_owner != owner:
+        return None
+    return job
+
+
+def finish_job(session: Session, claimed: ClaimedJob, owner: str, record: ResultRecord,
+               destinations: list[str], now: datetime) -> bool | None:
+    """Record the result and one pending delivery per destination; the job becomes DONE.
+
+    Returns True when a new result was recorded, False when an identical SR
+    (same SOP Instance UID: same instances, same model) already exists, so
+    nothing new is produced, and None when the job is no longer ours.
+    """
+    job = _own_running_job(session, claimed.job_id, owner)
+    if job is None:
+        return None
+    set_job_state(job, JobState.DONE, now)
+    job.lease_owner = None
+    job.lease_expires_at = None
+    existing = session.scalar(sa.select(Result.id).where(
+        Result.sr_sop_instance_uid == record.sr_sop_instance_uid))
+    if existing is not None:
+        audit(session, AuditAction.JOB_DONE, owner, now, study_uid=claimed.study_uid,
+              job_id=claimed.job_id, outcome="unchanged", sr=record.sr_sop_instance_uid)
+        return False
+    result = Result(job_id=claimed.job_id, study_id=claimed.study_id,
+                    study_revision=claimed.revision, model_name=record.model_name,
+                    model_version=record.model_version, model_validated=record.model_validated,
+                    probability=record.probability, decision=record.decision,
+                    threshold=record.threshold, priority=record.priority,
+                    sr_sop_instance_uid=record.sr_sop_instance_uid,
+                    sr_series_uid=record.sr_series_uid, sr_path=record.sr_path,
+                    detail=json.dumps(record.detail, sort_keys=True), created_at=now)
+    session.add(result)
+    session.flush()
+    for name in destinations:
+        session.add(Delivery(result_id=result.id, destination=name, state=DeliveryState.PENDING,
+                             attempts=0, next_attempt_at=now, created_at=now))
+    audit(session, AuditAction.RESULT_RECORDED, owner, now, study_uid=claimed.study_uid,
+          job_id=claimed.job_id, priority=record.priority, probability=record.probability,
+          model=f"{record.model_name} {record.model_version}", sr=record.sr_sop_instance_uid,
+          destinations=destinations)
+    audit(session, AuditAction.JOB_DONE, owner, now, study_uid=claimed.study_uid,
+          job_id=claimed.job_id, outcome="new_result")
+    return True
+
+
+def fail_job(session: Session, claimed: ClaimedJob, owner: str, error: str, *, transient: bool,
+             now: datetime, max_attempts: int, retry_in: timedelta) -> JobState | None:
+    """A transient failure goes back to QUEUED after ``retry_in`` until ``max_attempts``;
+    a permanent one (or the last attempt) is FAILED with its reason kept."""
+    job = _own_running_job(session, claimed.job_id, owner)
+    if job is None:
+        return None
+    job.last_error = error[:2000]
+    job.lease_owner = None
+    job.lease_expires_at = None
+    if transient and job.attempts < max_attempts:
+        set_job_state(job, JobState.QUEUED, now)
+        job.next_attempt_at = now + retry_in
+        audit(session, AuditAction.JOB_RETRY, owner, now, study_uid=claimed.study_uid,
+              job_id=job.id, attempt=job.attempts, error=error[:200])
+        return JobState.QUEUED
+    set_job_state(job, JobState.FAILED, now)
+    audit(session, AuditAction.JOB_FAILED, owner, now, study_uid=claimed.study_uid,
+          job_id=job.id, attempt=job.attempts, error=error[:200])
+    return JobState.FAILED
+
+
+def requeue_failed(session: Session, now: datetime, actor: str,
+                   study_uid: str | None = None) -> int:
+    """FAILED jobs (of one study, or all) back to QUEUED; returns how many."""
+    query = sa.select(Job).join(Study, Study.id == Job.study_id).where(Job.state == JobState.FAILED)
+    if study_uid is not None:
+        query = query.where(Study.study_uid == study_uid)
+    jobs = session.scalars(query).all()
+    for job in jobs:
+        set_job_state(job, JobState.QUEUED, now)
+        job.attempts = 0
+        job.next_attempt_at = None
+        audit(session, AuditAction.JOB_REQUEUED, actor, now, study_uid=job.study.study_uid,
+              job_id=job.id)
+    return len(jobs)
