@@ -59,5 +59,6 @@ def configure_logging(level: str = "info", fmt: str = "auto", stream: TextIO | N
     root.handlers[:] = [handler]
     root.setLevel(_LEVELS[level])
     # Third-party INFO lines are protocol chatter; their warnings still come through.
-    for name in ("pynetdicom", "apscheduler", "alembic"):
+    logging.captureWarnings(True)
+    for name in ("pynetdicom", "apscheduler", "alembic", "highdicom", "py.warnings"):
         logging.getLogger(name).setLevel(max(logging.WARNING, _LEVELS[level]))

@@ -1,0 +1,207 @@
+"""The whole loop with real peers: storescu -> opacityd serve (+ worker) -> SR -> PACS."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+import sqlalchemy as sa
+
+from daemon.config import load_config
+from db.engine import create_db_engine, make_session_factory, unit_of_work
+from db.models import AuditEvent, Delivery, Job, Result
+from db.states import AuditAction, DeliveryState, JobState
+from tests.conftest import (
+    DCMTK_ENV,
+    STORESCP,
+    free_port,
+    require,
+    storescu,
+    wait_until,
+    write_config,
+)
+from tests.daemon_process import DaemonProcess
+
+FUJI = "fodicom_CR-MONO1-10-chest.dcm"
+
+
+class Pacs:
+    """DCMTK storescp as a minimal PACS; can be stopped and started again."""
+
+    def __init__(self, folder: Path, port: int) -> None:
+        require(STORESCP)
+        self.folder, self.port = folder, port
+        folder.mkdir(parents=True, exist_ok=True)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Pacs:
+        self.proc = subprocess.Popen([STORESCP, "-aet", "PACS", "-od", str(self.folder), str(self.port)],
+                                     env=DCMTK_ENV, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+        wait_until(lambda: subprocess.run(["/usr/bin/echoscu", "-aec", "PACS", "127.0.0.1",
+                                           str(self.port)], env=DCMTK_ENV,
+                                          capture_output=True).returncode == 0,
+                   what="storescp to listen")
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(timeout=30)
+
+    def srs(self) -> list[Path]:
+        return sorted(self.folder.glob("SR*"))
+
+
+@pytest.fixture
+def pacs(tmp_path: Path) -> Iterator[Pacs]:
+    p = Pacs(tmp_path / "pacs", free_port())
+    yield p
+    p.stop()
+
+
+@pytest.fixture
+def daemons() -> Iterator[list[DaemonProcess]]:
+    started: list[DaemonProcess] = []
+    yield started
+    for d in started:
+        d.ensure_stopped()
+
+
+def _destination(pacs: Pacs) -> str:
+    return (f'[[destinations]]\nname = "pacs"\nhost = "127.0.0.1"\nport = {pacs.port}\n'
+            f'called_ae = "PACS"\ncalling_ae = "OPACITYD"\n'
+            '[delivery]\npoll_interval_s = 0.2\nretry_base_s = 0.5\nretry_max_s = 2.0\n'
+            '[worker]\npoll_interval_s = 0.2\nlease_s = 5.0\n')
+
+
+def _study(shared_dicom: Path, folder: Path) -> tuple[Path, Path]:
+    """The real Fuji PA chest and a lateral of the same study (same pixels, view LL)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    pa = folder / "pa.dcm"
+    ds = pydicom.dcmread(shared_dicom / FUJI, force=True)  # a bare data set: give it file meta
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian
+    ds.save_as(pa, enforce_file_format=True)
+    lateral = folder / "lateral.dcm"
+    ds.SOPInstanceUID = pydicom.uid.generate_uid()
+    ds.ViewPosition = "LL"
+    ds.save_as(lateral, enforce_file_format=True)
+    return pa, lateral
+
+
+def _sessions(cfg: Path):  # type: ignore[no-untyped-def]
+    config = load_config(cfg, env={})
+    return create_db_engine(config.database_url), config
+
+
+def test_study_pushed_by_storescu_arrives_at_the_pacs_as_one_valid_sr(
+        tmp_path: Path, shared_dicom: Path, demo_bundle: Path, pacs: Pacs,
+        daemons: list[DaemonProcess]) -> None:
+    pacs.start()
+    port = free_port()
+    cfg = write_config(tmp_path / "d", _destination(pacs), port=port, bundle=demo_bundle)
+    daemon = DaemonProcess(cfg, tmp_path / "daemon.log", port).start()
+    daemons.append(daemon)
+    pa, lateral = _study(shared_dicom, tmp_path / "in")
+    _, acks = storescu(port, [pa, lateral])
+    assert set(acks.values()) == {"Success"}
+
+    wait_until(lambda: pacs.srs(), timeout=120, what="the SR at the PACS")
+    (sr_path,) = pacs.srs()
+    errors = [line for line in subprocess.run(["/usr/bin/dciodvfy", str(sr_path)], capture_output=True,
+                                              text=True).stderr.splitlines() if line.startswith("Error")]
+    assert errors == []
+    sr = pydicom.dcmread(sr_path)
+    pa_uid = pydicom.dcmread(pa, stop_before_pixels=True).SOPInstanceUID
+    lateral_uid = pydicom.dcmread(lateral, stop_before_pixels=True).SOPInstanceUID
+    assert sr.StudyInstanceUID == pydicom.dcmread(pa, stop_before_pixels=True).StudyInstanceUID
+    rendered = subprocess.run(["/usr/bin/dsrdump", "+Pc", str(sr_path)], capture_output=True,
+                              text=True).stdout
+    assert "opacity-xception-UNTRAINED" in rendered and "NOT FOR CLINICAL USE" in rendered
+    assert "Probability of lung opacity" in rendered
+    evidence = {item.ReferencedSOPInstanceUID
+                for study in sr.CurrentRequestedProcedureEvidenceSequence
+                for series in study.ReferencedSeriesSequence
+                for item in series.ReferencedSOPSequence}
+    assert evidence == {pa_uid}  # the lateral was never eligible, so it is not evidence
+
+    engine, _ = _sessions(cfg)
+    with unit_of_work(make_session_factory(engine)) as s:
+        (result,) = s.scalars(sa.select(Result)).all()
+        (delivery,) = s.scalars(sa.select(Delivery)).all()
+        assert result.sr_sop_instance_uid == sr.SOPInstanceUID
+        assert result.model_name == "opacity-xception-UNTRAINED-DEMO"
+        assert delivery.state == DeliveryState.DELIVERED
+        assert '"ineligible"' in result.detail and lateral_uid in result.detail
+    engine.dispose()
+    assert daemon.terminate() == 0
+
+
+def test_pacs_down_then_up_gets_the_sr_exactly_once(tmp_path: Path, shared_dicom: Path,
+                                                    demo_bundle: Path, pacs: Pacs,
+                                                    daemons: list[DaemonProcess]) -> None:
+    port = free_port()
+    cfg = write_config(tmp_path / "d", _destination(pacs), port=port, bundle=demo_bundle)
+    daemon = DaemonProcess(cfg, tmp_path / "daemon.log", port).start()
+    daemons.append(daemon)
+    pa, _ = _study(shared_dicom, tmp_path / "in")
+    storescu(port, [pa])
+    engine, _ = _sessions(cfg)
+    sessions = make_session_factory(engine)
+
+    def retried() -> bool:
+        with unit_of_work(sessions) as s:
+            d = s.scalar(sa.select(Delivery))
+            return d is not None and d.attempts >= 2 and d.last_reason == "unreachable"
+    wait_until(retried, timeout=120, what="failed delivery attempts while the PACS is down")
+    pacs.start()
+    def delivered() -> bool:
+        with unit_of_work(sessions) as s:
+            return s.scalar(sa.select(Delivery.state)) == DeliveryState.DELIVERED
+    wait_until(delivered, timeout=60, what="delivery after the PACS came up")
+    assert len(pacs.srs()) == 1
+    engine.dispose()
+    assert daemon.terminate() == 0
+
+
+def test_killed_worker_mid_job_is_reclaimed_and_one_sr_arrives(
+        tmp_path: Path, shared_dicom: Path, demo_bundle: Path, pacs: Pacs,
+        daemons: list[DaemonProcess]) -> None:
+    pacs.start()
+    port = free_port()
+    cfg = write_config(tmp_path / "d", _destination(pacs), port=port, bundle=demo_bundle)
+    daemon = DaemonProcess(cfg, tmp_path / "daemon.log", port).start()
+    daemons.append(daemon)
+    engine, _ = _sessions(cfg)
+    sessions = make_session_factory(engine)
+    pa, _ = _study(shared_dicom, tmp_path / "in")
+    # Kill the worker as soon as it has claimed the job, before it can finish it.
+    storescu(port, [pa])
+
+    def claimed_by() -> str | None:
+        with unit_of_work(sessions) as s:
+            job = s.scalar(sa.select(Job))
+            return job.lease_owner if job is not None and job.state == JobState.RUNNING else None
+    owner = wait_until(claimed_by, timeout=60, interval=0.005, what="the job to be claimed")
+    pid = int(owner.split(":")[1])
+    os.kill(pid, signal.SIGSTOP)  # freeze it mid-job, then check it still holds the job
+    with unit_of_work(sessions) as s:
+        assert s.scalar(sa.select(Job.state)) == JobState.RUNNING
+    os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: pacs.srs(), timeout=120, what="the SR after the worker was restarted")
+    with unit_of_work(sessions) as s:
+        job = s.scalar(sa.select(Job))
+        assert job is not None and job.state == JobState.DONE
+        assert s.scalar(sa.select(sa.func.count()).select_from(Result)) == 1
+        claims = s.scalar(sa.select(sa.func.count()).select_from(AuditEvent)
+                          .where(AuditEvent.action == AuditAction.JOB_CLAIMED))
+        assert claims == 2  # claimed by the killed worker, then reclaimed after its lease
+    assert len(pacs.srs()) == 1
+    assert "worker_process_exited" in daemon.output()
+    engine.dispose()
+    assert daemon.terminate() == 0
