@@ -140,11 +140,12 @@ class Worker:
         manifest = self.predictor.manifest
         outcomes = [ImageOutcome(img.header, img.probability, img.refusal)
                     for img in images if img.header is not None]
-        # Eligible images whose header could not even be read are listed by UID only.
-        unreadable = {img.sop_uid: img.refusal for img in images if img.header is None}
-        if not outcomes:
-            outcomes = [ImageOutcome(_header_stub(job.study_uid, uid), None, reason)
-                        for uid, reason in unreadable.items()]
+        unreadable = [f"{img.sop_uid} ({img.refusal})" for img in images if img.header is None]
+        if unreadable:
+            # The spool lost an acknowledged instance: an operator must look; requeue after.
+            self._fail(job, f"spooled instances unreadable: {', '.join(unreadable)}"[:1000],
+                       transient=False)
+            return
         if not outcomes:
             self._fail(job, "no eligible image is held for this study", transient=False)
             return
@@ -211,14 +212,6 @@ def _prepare(path: Path, spec: object) -> tuple[pydicom.Dataset | None, np.ndarr
         return header, preprocess(path, spec).array, None  # type: ignore[arg-type]
     except PreprocessError as e:
         return header, None, e.reason.value
-
-
-def _header_stub(study_uid: str, sop_uid: str) -> pydicom.Dataset:
-    ds = pydicom.Dataset()
-    ds.StudyInstanceUID = study_uid
-    ds.SOPInstanceUID = sop_uid
-    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
-    return ds
 
 
 def run_worker(config: Config) -> int:

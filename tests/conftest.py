@@ -120,9 +120,9 @@ class Harness:
 
 
 @contextmanager
-def running_receiver(folder: Path, extra: str = "") -> Iterator[Harness]:
+def running_receiver(folder: Path, extra: str = "", quiet_s: float = 0.5) -> Iterator[Harness]:
     """An in-process receiver on a free loopback port with a migrated SQLite database."""
-    config = load_config(write_config(folder, extra), env={})
+    config = load_config(write_config(folder, extra, quiet_s=quiet_s), env={})
     engine = create_db_engine(config.database_url)
     migrate.upgrade(engine)
     sessions = make_session_factory(engine)
