@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -205,3 +207,71 @@ def test_killed_worker_mid_job_is_reclaimed_and_one_sr_arrives(
     assert "worker_process_exited" in daemon.output()
     engine.dispose()
     assert daemon.terminate() == 0
+
+
+ORTHANC = "/usr/sbin/Orthanc"
+
+
+@pytest.fixture
+def orthanc(tmp_path: Path) -> Iterator[tuple[str, int, int]]:
+    """A real Orthanc on loopback, with opacityd registered as a modality it can push to."""
+    require(ORTHANC)
+    http_port, dicom_port, our_port = free_port(), free_port(), free_port()
+    folder = tmp_path / "orthanc"
+    folder.mkdir()
+    config = {
+        "Name": "test-pacs", "StorageDirectory": str(folder / "st"),
+        "IndexDirectory": str(folder / "idx"), "HttpPort": http_port, "DicomPort": dicom_port,
+        "DicomAet": "ORTHANC", "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
+        "DicomModalities": {"opacityd": ["OPACITYD", "127.0.0.1", our_port]},
+        "DicomAlwaysAllowStore": True, "Plugins": [],
+    }
+    (folder / "config.json").write_text(json.dumps(config))
+    proc = subprocess.Popen([ORTHANC, str(folder / "config.json")], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{http_port}"
+
+    def up() -> bool:
+        try:
+            with urllib.request.urlopen(f"{base}/system", timeout=2) as r:
+                return r.status == 200
+        except OSError:
+            return False
+    try:
+        wait_until(up, timeout=60, interval=0.2, what="Orthanc to answer")
+        yield base, dicom_port, our_port
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
+def _rest(base: str, path: str, body: bytes | None = None) -> object:
+    request = urllib.request.Request(f"{base}{path}", data=body, method="POST" if body is not None
+                                     else "GET")
+    with urllib.request.urlopen(request, timeout=60) as r:
+        return json.loads(r.read())
+
+
+def test_orthanc_pushes_a_study_and_the_sr_appears_in_the_same_study(
+        tmp_path: Path, shared_dicom: Path, demo_bundle: Path, orthanc: tuple[str, int, int],
+        daemons: list[DaemonProcess]) -> None:
+    base, orthanc_port, port = orthanc
+    extra = (f'[[destinations]]\nname = "orthanc"\nhost = "127.0.0.1"\nport = {orthanc_port}\n'
+             'called_ae = "ORTHANC"\ncalling_ae = "OPACITYD"\n'
+             '[delivery]\npoll_interval_s = 0.2\n[worker]\npoll_interval_s = 0.2\n')
+    cfg = write_config(tmp_path / "d", extra, port=port, bundle=demo_bundle)
+    daemons.append(DaemonProcess(cfg, tmp_path / "daemon.log", port).start())
+    pa, _ = _study(shared_dicom, tmp_path / "in")
+    uploaded = _rest(base, "/instances", pa.read_bytes())
+    study_id = uploaded["ParentStudy"]  # type: ignore[index]
+    _rest(base, "/modalities/opacityd/store", json.dumps(study_id).encode())
+
+    def sr_series() -> list[dict[str, object]]:
+        series = _rest(base, f"/studies/{study_id}/series")
+        return [s for s in series if s["MainDicomTags"].get("Modality") == "SR"]  # type: ignore[union-attr,index]
+    (series,) = wait_until(sr_series, timeout=120, interval=0.5, what="the SR in Orthanc's study")
+    (instance_id,) = series["Instances"]  # type: ignore[misc]
+    tags = _rest(base, f"/instances/{instance_id}/simplified-tags")
+    assert tags["StudyInstanceUID"] == pydicom.dcmread(pa, stop_before_pixels=True).StudyInstanceUID  # type: ignore[index]
+    assert "NOT FOR CLINICAL USE" in tags["SeriesDescription"]  # type: ignore[index]
+    assert tags["Manufacturer"] == "opacityd"  # type: ignore[index]
