@@ -8,6 +8,8 @@ acknowledgement is only sent after the commit.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 import signal
 import subprocess
@@ -31,6 +33,7 @@ log = structlog.get_logger("opacityd.serve")
 
 EXIT_IMMEDIATE = 130
 EXIT_NO_MODEL = 2
+PR_SET_PDEATHSIG = 1
 
 
 def prepare_database(config: Config) -> None:
@@ -42,6 +45,15 @@ def prepare_database(config: Config) -> None:
         engine.dispose()
     if before != after:
         log.info("database_migrated", from_revision=before, to_revision=after)
+
+
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM when `serve` dies, even by kill -9 (Linux prctl)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass  # not Linux: the orphaned worker is harmless, claims are leased
 
 
 class WorkerSupervisor:
@@ -59,7 +71,7 @@ class WorkerSupervisor:
         self._start()
 
     def _start(self) -> None:
-        self.proc = subprocess.Popen(self.argv, env=self.env)
+        self.proc = subprocess.Popen(self.argv, env=self.env, preexec_fn=_die_with_parent)
         log.info("worker_process_started", pid=self.proc.pid, restarts=self.restarts)
 
     def check(self) -> None:

@@ -275,3 +275,36 @@ def test_orthanc_pushes_a_study_and_the_sr_appears_in_the_same_study(
     assert tags["StudyInstanceUID"] == pydicom.dcmread(pa, stop_before_pixels=True).StudyInstanceUID  # type: ignore[index]
     assert "NOT FOR CLINICAL USE" in tags["SeriesDescription"]  # type: ignore[index]
     assert tags["Manufacturer"] == "opacityd"  # type: ignore[index]
+
+
+def test_daemon_killed_with_a_delivery_outstanding_delivers_exactly_once_after_restart(
+        tmp_path: Path, shared_dicom: Path, demo_bundle: Path, pacs: Pacs,
+        daemons: list[DaemonProcess]) -> None:
+    port = free_port()
+    cfg = write_config(tmp_path / "d", _destination(pacs), port=port, bundle=demo_bundle)
+    daemon = DaemonProcess(cfg, tmp_path / "daemon.log", port).start()
+    daemons.append(daemon)
+    pa, _ = _study(shared_dicom, tmp_path / "in")
+    storescu(port, [pa])
+    engine, _ = _sessions(cfg)
+    sessions = make_session_factory(engine)
+
+    def attempted() -> bool:
+        with unit_of_work(sessions) as s:
+            d = s.scalar(sa.select(Delivery))
+            return d is not None and d.attempts >= 1
+    wait_until(attempted, timeout=120, what="a delivery attempt while the PACS is down")
+    daemon.kill9()  # the serve process dies with the SR undelivered; its worker is orphaned
+    pacs.start()
+    restarted = DaemonProcess(cfg, tmp_path / "daemon2.log", port).start()
+    daemons.append(restarted)
+
+    def delivered() -> bool:
+        with unit_of_work(sessions) as s:
+            return s.scalar(sa.select(Delivery.state)) == DeliveryState.DELIVERED
+    wait_until(delivered, timeout=120, what="delivery after the restart")
+    assert len(pacs.srs()) == 1
+    with unit_of_work(sessions) as s:
+        assert s.scalar(sa.select(sa.func.count()).select_from(Result)) == 1
+    engine.dispose()
+    assert restarted.terminate() == 0

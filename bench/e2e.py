@@ -1,0 +1,145 @@
+"""End-to-end benchmark: single-image studies in, SRs out at a DCMTK storescp PACS.
+
+    python -m bench.e2e [--studies 100] [--quiet 1.0] [--bundle DIR] [--workdir bench/out/e2e]
+
+Pushes each study with its own DCMTK storescu association to `opacityd serve`
+(quiet period 1 s, embedded worker, batch 8), and prints: time from
+association release to the SR landing at the PACS (p50/p95/max), studies per
+minute, and the worker's images/s as a ratio of the bare network on ready
+tensors (same bundle, batch 8, measured in this script).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pydicom
+
+from tests.conftest import DCMTK_ENV, OPACITYD, STORESCP, STORESCU, free_port, write_config
+from tests.factories import make_dx
+
+
+def _progress(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _bare_network_rate(bundle: Path) -> float:
+    from model.predictor import Predictor
+
+    predictor = Predictor(bundle, warm_up_batch=8)
+    size = predictor.manifest.input_size
+    batch = np.random.default_rng(0).uniform(-1, 1, (8, size, size, 3)).astype(np.float32)
+    started = time.perf_counter()
+    for _ in range(6):
+        predictor.predict(batch)
+    return 48 / (time.perf_counter() - started)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--studies", type=int, default=100)
+    p.add_argument("--quiet", type=float, default=1.0)
+    p.add_argument("--bundle", type=Path)
+    p.add_argument("--workdir", type=Path, default=Path("bench/out/e2e"))
+    args = p.parse_args(argv)
+    workdir = args.workdir.resolve()
+    bundle = args.bundle or workdir / "demo-bundle-299"
+    if not (bundle / "manifest.json").exists():
+        _progress("creating an untrained 299 px demo bundle ...")
+        subprocess.run([OPACITYD, "model", "init-demo", str(bundle)], check=True, capture_output=True)
+    inputs = workdir / "inputs"
+    inputs.mkdir(parents=True, exist_ok=True)
+    files = []
+    for i in range(args.studies):
+        path = inputs / f"{i:04d}.dcm"
+        if not path.exists():
+            make_dx(512, 512, seed=i).save_as(path, enforce_file_format=True)
+        files.append(path)
+    study_of = {pydicom.dcmread(f, stop_before_pixels=True).StudyInstanceUID: f for f in files}
+
+    run = workdir / f"run-{int(time.time())}"
+    pacs_dir = run / "pacs"
+    pacs_dir.mkdir(parents=True)
+    pacs_port, port = free_port(), free_port()
+    pacs = subprocess.Popen([STORESCP, "-aet", "PACS", "-od", str(pacs_dir), str(pacs_port)],
+                            env=DCMTK_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    extra = (f'[[destinations]]\nname = "pacs"\nhost = "127.0.0.1"\nport = {pacs_port}\n'
+             'called_ae = "PACS"\n[delivery]\npoll_interval_s = 0.1\n'
+             '[worker]\npoll_interval_s = 0.1\nbatch_size = 8\n')
+    cfg = write_config(run / "d", extra, port=port, quiet_s=args.quiet, bundle=bundle)
+    log = (run / "daemon.log").open("wb")
+    daemon = subprocess.Popen([OPACITYD, "--config", str(cfg), "serve"], stdout=log,
+                              stderr=subprocess.STDOUT)
+    released: dict[str, float] = {}
+    arrived: dict[str, float] = {}
+    seen: set[str] = set()
+    try:
+        _progress("waiting for the daemon and its worker (model load) ...")
+        deadline = time.monotonic() + 120
+        while b"worker_started" not in (run / "daemon.log").read_bytes():
+            if time.monotonic() > deadline or daemon.poll() is not None:
+                raise RuntimeError("the daemon's worker did not start; see daemon.log")
+            time.sleep(0.2)
+        started = time.monotonic()
+        for i, (study_uid, path) in enumerate(study_of.items()):
+            subprocess.run([STORESCU, "-aec", "OPACITYD", "127.0.0.1", str(port), str(path)],
+                           env=DCMTK_ENV, check=True, capture_output=True)
+            released[study_uid] = time.monotonic()
+            _collect(pacs_dir, arrived, seen)
+            if (i + 1) % 20 == 0:
+                _progress(f"pushed {i + 1}/{len(study_of)}, SRs at the PACS: {len(arrived)}")
+        deadline = time.monotonic() + 600
+        while len(arrived) < len(study_of) and time.monotonic() < deadline:
+            _collect(pacs_dir, arrived, seen)
+            time.sleep(0.05)
+        finished = time.monotonic()
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(timeout=120)
+        pacs.terminate()
+        pacs.wait(timeout=30)
+        log.close()
+    latencies = np.array([arrived[s] - released[s] for s in arrived if s in released])
+    scored = [json.loads(line) for line in (run / "daemon.log").read_text().splitlines()
+              if line.startswith("{") and '"study_scored"' in line]
+    stamps = sorted(time.mktime(time.strptime(e["timestamp"][:19], "%Y-%m-%dT%H:%M:%S"))
+                    + float("0." + e["timestamp"][20:26]) for e in scored)
+    worker_rate = (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else float("nan")
+    _progress("measuring the bare network on ready tensors ...")
+    bare = _bare_network_rate(bundle)
+    print(f"\ne2e: {len(study_of)} single-image studies (512x512 16-bit), quiet period {args.quiet} s, "
+          f"bundle {bundle.name}")
+    print(f"SRs received at the PACS: {len(arrived)}/{len(study_of)}")
+    if len(latencies):
+        print(f"release -> SR at PACS: p50 {np.percentile(latencies, 50):.2f} s, "
+              f"p95 {np.percentile(latencies, 95):.2f} s, max {latencies.max():.2f} s")
+    print(f"throughput: {len(arrived) / (finished - started) * 60:.1f} studies/min over the whole run")
+    print(f"worker: {worker_rate:.2f} images/s while busy; bare network (batch 8): {bare:.2f} images/s; "
+          f"ratio {worker_rate / bare:.2f}")
+    print(f"goal for p95: quiet {args.quiet} s + 2 s + one batch of 8 ({8 / bare:.2f} s) = "
+          f"{args.quiet + 2 + 8 / bare:.2f} s")
+    return 0 if len(arrived) == len(study_of) else 1
+
+
+def _collect(folder: Path, arrived: dict[str, float], seen: set[str]) -> None:
+    for path in folder.glob("SR*"):
+        if path.name in seen:
+            continue
+        try:
+            uid = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["StudyInstanceUID"]
+                                  ).StudyInstanceUID
+        except (OSError, pydicom.errors.InvalidDicomError, AttributeError):
+            continue  # still being written
+        seen.add(path.name)
+        arrived.setdefault(str(uid), time.monotonic())
+
+
+if __name__ == "__main__":
+    sys.exit(main())
