@@ -18,6 +18,7 @@ from daemon import model_cli
 from daemon.config import Config, load_config
 from daemon.exceptions import ConfigError
 from daemon.logs import configure_logging
+from daemon.output import emit
 from db import deliveries, jobs, migrate, queue
 from db.engine import create_db_engine, make_session_factory, unit_of_work
 from db.states import DeliveryState
@@ -62,7 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = load_config(args.path if args.command == "check-config" and args.path
                              else args.config)
     except ConfigError as e:
-        print(f"opacityd: configuration error: {e}", file=sys.stderr)
+        emit(f"opacityd: configuration error: {e}", error=True)
         return EXIT_CONFIG
     configure_logging(config.logging.level, config.logging.format,
                       sys.stderr if args.command != "serve" else sys.stdout)
@@ -71,13 +72,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SQLAlchemyError as e:
         structlog.get_logger("opacityd.cli").error("database_error", error=type(e).__name__,
                                                    detail=str(e)[:300])
-        print(f"opacityd: database error: {e}", file=sys.stderr)
+        emit(f"opacityd: database error: {e}", error=True)
         return EXIT_ERROR
 
 
 def _dispatch(args: argparse.Namespace, config: Config) -> int:
     if args.command == "check-config":
-        print(f"{config.source}: OK (state folder {config.state_dir}, "
+        emit(f"{config.source}: OK (state folder {config.state_dir}, "
               f"AE {config.receiver.ae_title} on port {config.receiver.port})")
         return EXIT_OK
     if args.command == "serve":
@@ -106,10 +107,10 @@ def _db(args: argparse.Namespace, config: Config) -> int:
     try:
         if args.db_command == "upgrade":
             before, after = migrate.upgrade(engine)
-            print(f"schema: {before or 'empty'} -> {after}" if before != after
+            emit(f"schema: {before or 'empty'} -> {after}" if before != after
                   else f"schema already at {after}")
         else:
-            print(f"schema {migrate.current_revision(engine) or 'empty'} "
+            emit(f"schema {migrate.current_revision(engine) or 'empty'} "
                   f"(head {migrate.head_revision()})")
     finally:
         engine.dispose()
@@ -129,10 +130,10 @@ def _status(args: argparse.Namespace, config: Config) -> int:
         counts = queue.state_counts(session)
     engine.dispose()
     if args.json:
-        print(json.dumps(counts, indent=2))
+        emit(json.dumps(counts, indent=2))
         return EXIT_OK
     for group, values in counts.items():
-        print(f"{group:<10} " + "  ".join(f"{k}={v}" for k, v in values.items()))
+        emit(f"{group:<10} " + "  ".join(f"{k}={v}" for k, v in values.items()))
     return EXIT_OK
 
 
@@ -145,11 +146,11 @@ def _queue_command(args: argparse.Namespace, config: Config) -> int:
             if args.command == "requeue":
                 count = jobs.requeue_failed(session, now, actor,
                                             None if args.failed else args.study_uid)
-                print(f"requeued {count} failed job(s)")
+                emit(f"requeued {count} failed job(s)")
                 return EXIT_OK if count or args.failed else EXIT_ERROR
             if args.command == "resend":
                 count = deliveries.resend(session, args.study_uid, now, actor)
-                print(f"re-queued {count} delivery(ies) of the latest SR" if count
+                emit(f"re-queued {count} delivery(ies) of the latest SR" if count
                       else "no SR recorded for that study")
                 return EXIT_OK if count else EXIT_ERROR
             states = tuple(DeliveryState) if args.all else (DeliveryState.PENDING,
@@ -158,15 +159,15 @@ def _queue_command(args: argparse.Namespace, config: Config) -> int:
     finally:
         engine.dispose()
     if args.json:
-        print(json.dumps([{"study_uid": r.study_uid, "destination": r.destination,
+        emit(json.dumps([{"study_uid": r.study_uid, "destination": r.destination,
                            "state": r.state.value, "attempts": r.attempts,
                            "last_reason": r.last_reason, "sr": r.sr_sop_instance_uid,
                            "next_attempt_at": r.next_attempt_at.isoformat()} for r in rows],
                          indent=2))
         return EXIT_OK
-    print(f"{'STUDY UID':<64} {'DESTINATION':<12} {'STATE':<10} {'TRIES':>5} LAST REASON")
+    emit(f"{'STUDY UID':<64} {'DESTINATION':<12} {'STATE':<10} {'TRIES':>5} LAST REASON")
     for r in rows:
-        print(f"{r.study_uid:<64} {r.destination:<12} {r.state.value:<10} {r.attempts:>5} "
+        emit(f"{r.study_uid:<64} {r.destination:<12} {r.state.value:<10} {r.attempts:>5} "
               f"{r.last_reason or '-'}")
     return EXIT_OK
 
@@ -185,7 +186,7 @@ def _studies(args: argparse.Namespace, config: Config) -> int:
         rows = queue.recent_studies(session, args.limit)
     engine.dispose()
     if args.json:
-        print(json.dumps([{
+        emit(json.dumps([{
             "study_uid": r.study_uid, "state": r.state.value, "revision": r.revision,
             "instances": r.instances, "eligible": r.eligible,
             "first_received_at": r.first_received_at.isoformat(),
@@ -193,9 +194,9 @@ def _studies(args: argparse.Namespace, config: Config) -> int:
             "job_state": r.job_state.value if r.job_state else None,
         } for r in rows], indent=2))
         return EXIT_OK
-    print(f"{'STUDY UID':<64} {'STATE':<10} {'REV':>3} {'INST':>5} {'ELIG':>5} {'JOB':<10} LAST")
+    emit(f"{'STUDY UID':<64} {'STATE':<10} {'REV':>3} {'INST':>5} {'ELIG':>5} {'JOB':<10} LAST")
     for r in rows:
-        print(f"{r.study_uid:<64} {r.state.value:<10} {r.revision:>3} {r.instances:>5} "
+        emit(f"{r.study_uid:<64} {r.state.value:<10} {r.revision:>3} {r.instances:>5} "
               f"{r.eligible:>5} {(r.job_state.value if r.job_state else '-'):<10} "
               f"{_age(r.last_received_at)} ago")
     return EXIT_OK

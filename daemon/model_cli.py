@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
 
+from daemon.output import emit
 from model.errors import BundleError, PreprocessError
 from model.manifest import read_manifest, sha256_file
 from model.preprocess import PreprocessSpec, load_display, to_model_input
@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
             return _preview(args.file, args.output, args.bundle)
         return _init_demo(args.directory, args.input_size, args.exist_ok)
     except BundleError as e:
-        print(f"opacityd: model bundle error: {e}", file=sys.stderr)
+        emit(f"opacityd: model bundle error: {e}", error=True)
         return EXIT_ERROR
 
 
@@ -59,17 +59,17 @@ def _info(bundle: Path) -> int:
     manifest = read_manifest(bundle, verify_checksum=False)
     actual = sha256_file(bundle / "model.keras")
     ok = actual == manifest.weights_sha256
-    print(f"model:        {manifest.label}")
-    print(f"input size:   {manifest.input_size} x {manifest.input_size} x 3 "
+    emit(f"model:        {manifest.label}")
+    emit(f"input size:   {manifest.input_size} x {manifest.input_size} x 3 "
           f"({manifest.preprocessing.aspect}, {manifest.preprocessing.pipeline})")
-    print(f"classes:      {', '.join(manifest.class_names)} (positive: {manifest.positive_class})")
-    print(f"thresholds:   {json.dumps(manifest.to_json()['thresholds'])}")
-    print(f"created:      {manifest.created} with Keras {manifest.keras_version} "
+    emit(f"classes:      {', '.join(manifest.class_names)} (positive: {manifest.positive_class})")
+    emit(f"thresholds:   {json.dumps(manifest.to_json()['thresholds'])}")
+    emit(f"created:      {manifest.created} with Keras {manifest.keras_version} "
           f"({manifest.backend})")
-    print(f"validated:    {manifest.validated}")
-    print(f"checksum:     {'OK' if ok else 'MISMATCH'} sha256 {actual}")
-    print("manifest:")
-    print(json.dumps(manifest.to_json(), indent=2, sort_keys=True))
+    emit(f"validated:    {manifest.validated}")
+    emit(f"checksum:     {'OK' if ok else 'MISMATCH'} sha256 {actual}")
+    emit("manifest:")
+    emit(json.dumps(manifest.to_json(), indent=2, sort_keys=True))
     return EXIT_OK if ok else EXIT_ERROR
 
 
@@ -91,15 +91,15 @@ def _predict(bundle: Path, files: list[Path], as_json: bool) -> int:
                      "opacity": probability >= manifest.thresholds.decision,
                      "notes": list(pre.notes)})
     if as_json:
-        print(json.dumps({"model": manifest.label, "results": rows}, indent=2))
+        emit(json.dumps({"model": manifest.label, "results": rows}, indent=2))
         return EXIT_OK
-    print(f"model: {manifest.label}; decision threshold {manifest.thresholds.decision}")
+    emit(f"model: {manifest.label}; decision threshold {manifest.thresholds.decision}")
     for row in rows:
         if "refused" in row:
-            print(f"{row['file']}: refused ({row['refused']}: {row['detail']})")
+            emit(f"{row['file']}: refused ({row['refused']}: {row['detail']})")
         else:
             verdict = "opacity" if row["opacity"] else "none"
-            print(f"{row['file']}: p(opacity) = {row['probability']:.4f} -> {verdict}")
+            emit(f"{row['file']}: p(opacity) = {row['probability']:.4f} -> {verdict}")
     return EXIT_OK
 
 
@@ -109,7 +109,7 @@ def _preview(file: Path, output: Path, bundle: Path | None) -> int:
         display = load_display(file, spec)
         pre = to_model_input(display, spec)
     except PreprocessError as e:
-        print(f"{file}: refused ({e.reason.value}: {e.detail})")
+        emit(f"{file}: refused ({e.reason.value}: {e.detail})")
         return EXIT_ERROR
     height = 512
     original = display.image
@@ -126,18 +126,18 @@ def _preview(file: Path, output: Path, bundle: Path | None) -> int:
     draw.text((width + 14, 4), f"network input {spec.input_size}px, equalize_hist", fill=255)
     output.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(output)
-    print(f"wrote {output}" + (f" ({'; '.join(pre.notes)})" if pre.notes else ""))
+    emit(f"wrote {output}" + (f" ({'; '.join(pre.notes)})" if pre.notes else ""))
     return EXIT_OK
 
 
 def _init_demo(directory: Path, input_size: int, exist_ok: bool) -> int:
     if exist_ok and (directory / "manifest.json").exists():
         manifest = read_manifest(directory)
-        print(f"kept existing bundle {directory}: {manifest.label}")
+        emit(f"kept existing bundle {directory}: {manifest.label}")
         return EXIT_OK
     from model.bundle import init_demo_bundle
 
     manifest = init_demo_bundle(directory, input_size)
-    print(f"wrote {directory}: {manifest.label}, input {input_size} px.\n"
+    emit(f"wrote {directory}: {manifest.label}, input {input_size} px.\n"
           "This network is UNTRAINED: its scores are meaningless. Use it only to try the daemon.")
     return EXIT_OK

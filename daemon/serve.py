@@ -21,6 +21,7 @@ from types import FrameType
 import structlog
 
 from daemon.config import Config
+from daemon.output import emit
 from daemon.receiver import Receiver
 from daemon.scheduler import build_scheduler
 from daemon.spool import Spool
@@ -124,7 +125,7 @@ def serve(config: Config) -> int:
         manifest = check_model(config)
     except BundleError as e:
         log.error("model_bundle_unusable", error=str(e))
-        print(f"opacityd: {e}", file=sys.stderr)
+        emit(f"opacityd: {e}", error=True)
         return EXIT_NO_MODEL
     log.info("model_bundle", model=manifest.name, version=manifest.version,
              validated=manifest.validated, input_size=manifest.input_size,
