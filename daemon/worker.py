@@ -35,7 +35,7 @@ from db import jobs
 from db.engine import create_db_engine, make_session_factory, unit_of_work
 from model.errors import PreprocessError
 from model.predictor import Predictor
-from model.preprocess import preprocess
+from model.preprocess import PreprocessSpec, preprocess
 
 log = structlog.get_logger("opacityd.worker")
 
@@ -202,14 +202,15 @@ class Worker:
                     transient=transient, state=state.value if state else "lease_lost")
 
 
-def _prepare(path: Path, spec: object) -> tuple[pydicom.Dataset | None, np.ndarray | None, str | None]:
+def _prepare(path: Path, spec: PreprocessSpec
+             ) -> tuple[pydicom.Dataset | None, np.ndarray | None, str | None]:
     """Header and model input of one spooled instance, or the refusal reason."""
     try:
         header = pydicom.dcmread(path, stop_before_pixels=True)
     except (OSError, pydicom.errors.InvalidDicomError) as e:
         return None, None, f"not_readable: {type(e).__name__}"
     try:
-        return header, preprocess(path, spec).array, None  # type: ignore[arg-type]
+        return header, preprocess(path, spec).array, None
     except PreprocessError as e:
         return header, None, e.reason.value
 

@@ -195,3 +195,8 @@ def _reset_logging() -> Iterator[None]:
     structlog.reset_defaults()
     root.handlers[:] = handlers
     root.setLevel(level)
+
+
+# The `daemons` fixture lives beside DaemonProcess, which imports helpers from this module;
+# imported last so those helpers exist when it loads.
+from tests.daemon_process import daemons  # noqa: E402, F401

@@ -5,7 +5,10 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 from tests.conftest import OPACITYD, echoscu, wait_until
 
@@ -50,3 +53,12 @@ class DaemonProcess:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(timeout=30)
+
+
+@pytest.fixture
+def daemons() -> Iterator[list[DaemonProcess]]:
+    """Daemons a test started; any still running at the end are killed."""
+    started: list[DaemonProcess] = []
+    yield started
+    for d in started:
+        d.ensure_stopped()

@@ -67,13 +67,6 @@ def pacs(tmp_path: Path) -> Iterator[Pacs]:
     p.stop()
 
 
-@pytest.fixture
-def daemons() -> Iterator[list[DaemonProcess]]:
-    started: list[DaemonProcess] = []
-    yield started
-    for d in started:
-        d.ensure_stopped()
-
 
 def _destination(pacs: Pacs) -> str:
     return (f'[[destinations]]\nname = "pacs"\nhost = "127.0.0.1"\nport = {pacs.port}\n'

@@ -5,11 +5,9 @@ from __future__ import annotations
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pydicom
-import pytest
 import sqlalchemy as sa
 
 from daemon.config import load_config
@@ -28,14 +26,6 @@ from tests.conftest import (
 )
 from tests.daemon_process import DaemonProcess
 from tests.factories import SENTINEL_PHI, make_dx, write_series
-
-
-@pytest.fixture
-def daemons() -> Iterator[list[DaemonProcess]]:
-    started: list[DaemonProcess] = []
-    yield started
-    for d in started:
-        d.ensure_stopped()
 
 
 def _finish(scu: subprocess.Popen[str]) -> str:
