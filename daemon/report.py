@@ -80,6 +80,12 @@ def _evidence(header: Dataset) -> Dataset:
     return ds
 
 
+def study_probability(images: Sequence[ImageOutcome]) -> float | None:
+    """The maximum over the scored images (a study is as abnormal as its most abnormal
+    frontal image); None when no image could be scored."""
+    return max((i.probability for i in images if i.probability is not None), default=None)
+
+
 def _reason_code(reason: str) -> Code:
     return Code(f"RSN-{reason.upper()}"[:16], SCHEME, reason.replace("_", " "))
 
@@ -139,7 +145,7 @@ def build_sr(study_uid: str, images: Sequence[ImageOutcome], manifest: Manifest,
     scored images (a study is as abnormal as its most abnormal frontal image)."""
     scored = [i for i in images if i.probability is not None]
     refused = [i for i in images if i.probability is None]
-    study_p = max((float(i.probability) for i in scored if i.probability is not None), default=None)
+    study_p = study_probability(images)
     priority = priority_for(study_p, manifest)
     study_measurements = []
     study_evaluations = [hd.sr.QualitativeEvaluation(PRIORITY, priority.code)]

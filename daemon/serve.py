@@ -37,17 +37,6 @@ EXIT_NO_MODEL = 2
 PR_SET_PDEATHSIG = 1
 
 
-def prepare_database(config: Config) -> None:
-    """Apply pending migrations (also `opacityd db upgrade`)."""
-    engine = create_db_engine(config.database_url, config.database.busy_timeout_ms)
-    try:
-        before, after = migrate.upgrade(engine)
-    finally:
-        engine.dispose()
-    if before != after:
-        log.info("database_migrated", from_revision=before, to_revision=after)
-
-
 def _die_with_parent() -> None:
     """In the child: get SIGTERM when `serve` dies, even by kill -9 (Linux prctl)."""
     try:
@@ -131,8 +120,10 @@ def serve(config: Config) -> int:
              validated=manifest.validated, input_size=manifest.input_size,
              label=manifest.label)
     config.spool_dir.mkdir(parents=True, exist_ok=True)
-    prepare_database(config)
     engine = create_db_engine(config.database_url, config.database.busy_timeout_ms)
+    before, after = migrate.upgrade(engine)
+    if before != after:
+        log.info("database_migrated", from_revision=before, to_revision=after)
     sessions = make_session_factory(engine)
     spool = Spool(config.spool_dir)
     removed = spool.remove_temp_files()

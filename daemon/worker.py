@@ -29,13 +29,13 @@ from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from daemon.config import Config
-from daemon.report import ImageOutcome, build_sr, priority_for
+from daemon.report import ImageOutcome, build_sr, priority_for, sr_instance_uid, study_probability
 from daemon.spool import Spool
 from db import jobs
 from db.engine import create_db_engine, make_session_factory, unit_of_work
 from model.errors import PreprocessError
 from model.predictor import Predictor
-from model.preprocess import PreprocessSpec, preprocess
+from model.preprocess import PreprocessSpec, preprocess, read_dicom
 
 log = structlog.get_logger("opacityd.worker")
 
@@ -48,7 +48,8 @@ def utcnow() -> datetime:
 class _Image:
     job: jobs.ClaimedJob
     sop_uid: str
-    header: pydicom.Dataset | None
+    path: Path
+    header: pydicom.Dataset | None = None
     array: np.ndarray | None = None
     refusal: str | None = None
     probability: float | None = None
@@ -97,14 +98,11 @@ class Worker:
             for job in claimed:
                 inputs[job.job_id] = jobs.job_inputs(session, job.study_id)
         for job in claimed:
-            for item in inputs[job.job_id]:
-                if item.eligible and item.spool_path:
-                    images.append(_Image(job, item.sop_instance_uid, None))
-        paths = {id(img): self.spool.absolute(self._path_of(inputs[img.job.job_id], img.sop_uid))
-                 for img in images}
+            images += [_Image(job, item.sop_instance_uid, self.spool.absolute(item.spool_path))
+                       for item in inputs[job.job_id] if item.eligible and item.spool_path]
         spec = self.predictor.manifest.preprocessing
-        for img, (header, array, refusal) in zip(
-                images, self.pool.map(lambda im: _prepare(paths[id(im)], spec), images), strict=True):
+        prepared = self.pool.map(lambda im: _prepare(im.path, spec), images)
+        for img, (header, array, refusal) in zip(images, prepared, strict=True):
             img.header, img.array, img.refusal = header, array, refusal
         ready = [img for img in images if img.array is not None]
         batch_size = self.config.worker.batch_size
@@ -122,10 +120,6 @@ class Worker:
                 img.array = None
         for job in claimed:
             self._finish(job, inputs[job.job_id], [img for img in images if img.job is job])
-
-    @staticmethod
-    def _path_of(items: list[jobs.JobInput], sop_uid: str) -> str:
-        return next(i.spool_path for i in items if i.sop_instance_uid == sop_uid and i.spool_path)
 
     def _finish(self, job: jobs.ClaimedJob, items: list[jobs.JobInput], images: list[_Image]) -> None:
         with structlog.contextvars.bound_contextvars(study_uid=job.study_uid, job_id=job.job_id):
@@ -149,18 +143,18 @@ class Worker:
         if not outcomes:
             self._fail(job, "no eligible image is held for this study", transient=False)
             return
-        scored = [o for o in outcomes if o.probability is not None]
-        study_p = max((float(o.probability) for o in scored if o.probability is not None),
-                      default=None)
+        study_p = study_probability(outcomes)
+        scored = [str(o.header.SOPInstanceUID) for o in outcomes if o.probability is not None]
         with unit_of_work(self.sessions) as session:
             previous = jobs.latest_result(session, job.study_id)
             previous_path = previous.sr_path if previous is not None else None
+            previous_uid = previous.sr_sop_instance_uid if previous is not None else None
         previous_sr = None
-        if previous_path and self.spool.absolute(previous_path).exists():
+        # The same scored images and model give the same SR: it supersedes nothing.
+        if (previous_path and previous_uid != sr_instance_uid(job.study_uid, scored, manifest)
+                and self.spool.absolute(previous_path).exists()):
             previous_sr = pydicom.dcmread(self.spool.absolute(previous_path))
         sr = build_sr(job.study_uid, outcomes, manifest, revision=job.revision, previous=previous_sr)
-        if previous_sr is not None and previous_sr.SOPInstanceUID == sr.SOPInstanceUID:
-            sr = build_sr(job.study_uid, outcomes, manifest, revision=job.revision)
         relative = f"sr/{job.study_uid}/{sr.SOPInstanceUID}.dcm"
         buffer = pydicom.filebase.DicomBytesIO()
         sr.save_as(buffer, enforce_file_format=True)
@@ -204,15 +198,20 @@ class Worker:
 
 def _prepare(path: Path, spec: PreprocessSpec
              ) -> tuple[pydicom.Dataset | None, np.ndarray | None, str | None]:
-    """Header and model input of one spooled instance, or the refusal reason."""
+    """Header and model input of one spooled instance (read once), or the refusal reason."""
     try:
-        header = pydicom.dcmread(path, stop_before_pixels=True)
-    except (OSError, pydicom.errors.InvalidDicomError) as e:
-        return None, None, f"not_readable: {type(e).__name__}"
-    try:
-        return header, preprocess(path, spec).array, None
+        ds = read_dicom(path)
     except PreprocessError as e:
-        return header, None, e.reason.value
+        return None, None, f"{e.reason.value}: {e.detail}"[:200]
+    try:
+        array: np.ndarray | None = preprocess(ds, spec).array
+        refusal = None
+    except PreprocessError as e:
+        array, refusal = None, e.reason.value
+    for keyword in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
+        if keyword in ds:
+            delattr(ds, keyword)  # the header is kept for the SR; the pixels are not needed
+    return ds, array, refusal
 
 
 def run_worker(config: Config) -> int:

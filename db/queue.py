@@ -87,10 +87,6 @@ def audit(session: Session, action: AuditAction, actor: str, now: datetime, *,
     })
 
 
-def find_instance(session: Session, sop_instance_uid: str) -> Instance | None:
-    return session.scalar(sa.select(Instance).where(Instance.sop_instance_uid == sop_instance_uid))
-
-
 def _count_duplicate(session: Session, rec: InstanceRecord, now: datetime) -> StoreOutcome:
     count = session.connection().execute(_COUNT_DUPLICATE, {"sop_uid": rec.sop_instance_uid}
                                          ).scalar_one()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import OPACITYD, echoscu, wait_until
+from tests.conftest import OPACITYD, echoscu, free_port, wait_until, write_config
 
 
 class DaemonProcess:
@@ -62,3 +62,13 @@ def daemons() -> Iterator[list[DaemonProcess]]:
     yield started
     for d in started:
         d.ensure_stopped()
+
+
+def start_daemon(folder: Path, daemons: list[DaemonProcess], extra: str = "",
+                 **config: object) -> tuple[DaemonProcess, Path]:
+    """`opacityd serve` on a free port with its own config in ``folder``; returns it and the config."""
+    port = free_port()
+    cfg = write_config(folder / "d", extra, port=port, **config)  # type: ignore[arg-type]
+    daemon = DaemonProcess(cfg, folder / "daemon.log", port).start()
+    daemons.append(daemon)
+    return daemon, cfg

@@ -27,7 +27,7 @@ from tests.conftest import (
     wait_until,
     write_config,
 )
-from tests.daemon_process import DaemonProcess
+from tests.daemon_process import DaemonProcess, start_daemon
 
 FUJI = "fodicom_CR-MONO1-10-chest.dcm"
 
@@ -94,14 +94,29 @@ def _sessions(cfg: Path):  # type: ignore[no-untyped-def]
     return create_db_engine(config.database_url), config
 
 
+def _one_study_in(tmp_path: Path, shared_dicom: Path, demo_bundle: Path, pacs: Pacs,
+                  daemons: list[DaemonProcess]):  # type: ignore[no-untyped-def]
+    """Start serve towards ``pacs`` (not necessarily up) and push the real PA study to it."""
+    daemon, cfg = start_daemon(tmp_path, daemons, _destination(pacs), bundle=demo_bundle)
+    port = daemon.port
+    pa, _ = _study(shared_dicom, tmp_path / "in")
+    _, acks = storescu(port, [pa])
+    assert acks == {pa: "Success"}
+    engine, _ = _sessions(cfg)
+    return daemon, cfg, engine, make_session_factory(engine)
+
+
+def _delivery(sessions, state: DeliveryState) -> bool:  # type: ignore[no-untyped-def]
+    with unit_of_work(sessions) as s:
+        return s.scalar(sa.select(Delivery.state)) == state
+
+
 def test_study_pushed_by_storescu_arrives_at_the_pacs_as_one_valid_sr(
         tmp_path: Path, shared_dicom: Path, demo_bundle: Path, pacs: Pacs,
         daemons: list[DaemonProcess]) -> None:
     pacs.start()
-    port = free_port()
-    cfg = write_config(tmp_path / "d", _destination(pacs), port=port, bundle=demo_bundle)
-    daemon = DaemonProcess(cfg, tmp_path / "daemon.log", port).start()
-    daemons.append(daemon)
+    daemon, cfg = start_daemon(tmp_path, daemons, _destination(pacs), bundle=demo_bundle)
+    port = daemon.port
     pa, lateral = _study(shared_dicom, tmp_path / "in")
     _, acks = storescu(port, [pa, lateral])
     assert set(acks.values()) == {"Success"}
@@ -140,14 +155,7 @@ def test_study_pushed_by_storescu_arrives_at_the_pacs_as_one_valid_sr(
 def test_pacs_down_then_up_gets_the_sr_exactly_once(tmp_path: Path, shared_dicom: Path,
                                                     demo_bundle: Path, pacs: Pacs,
                                                     daemons: list[DaemonProcess]) -> None:
-    port = free_port()
-    cfg = write_config(tmp_path / "d", _destination(pacs), port=port, bundle=demo_bundle)
-    daemon = DaemonProcess(cfg, tmp_path / "daemon.log", port).start()
-    daemons.append(daemon)
-    pa, _ = _study(shared_dicom, tmp_path / "in")
-    storescu(port, [pa])
-    engine, _ = _sessions(cfg)
-    sessions = make_session_factory(engine)
+    daemon, cfg, engine, sessions = _one_study_in(tmp_path, shared_dicom, demo_bundle, pacs, daemons)
 
     def retried() -> bool:
         with unit_of_work(sessions) as s:
@@ -155,10 +163,8 @@ def test_pacs_down_then_up_gets_the_sr_exactly_once(tmp_path: Path, shared_dicom
             return d is not None and d.attempts >= 2 and d.last_reason == "unreachable"
     wait_until(retried, timeout=120, what="failed delivery attempts while the PACS is down")
     pacs.start()
-    def delivered() -> bool:
-        with unit_of_work(sessions) as s:
-            return s.scalar(sa.select(Delivery.state)) == DeliveryState.DELIVERED
-    wait_until(delivered, timeout=60, what="delivery after the PACS came up")
+    wait_until(lambda: _delivery(sessions, DeliveryState.DELIVERED), timeout=60,
+               what="delivery after the PACS came up")
     assert len(pacs.srs()) == 1
     engine.dispose()
     assert daemon.terminate() == 0
@@ -168,10 +174,8 @@ def test_killed_worker_mid_job_is_reclaimed_and_one_sr_arrives(
         tmp_path: Path, shared_dicom: Path, demo_bundle: Path, pacs: Pacs,
         daemons: list[DaemonProcess]) -> None:
     pacs.start()
-    port = free_port()
-    cfg = write_config(tmp_path / "d", _destination(pacs), port=port, bundle=demo_bundle)
-    daemon = DaemonProcess(cfg, tmp_path / "daemon.log", port).start()
-    daemons.append(daemon)
+    daemon, cfg = start_daemon(tmp_path, daemons, _destination(pacs), bundle=demo_bundle)
+    port = daemon.port
     engine, _ = _sessions(cfg)
     sessions = make_session_factory(engine)
     pa, _ = _study(shared_dicom, tmp_path / "in")
@@ -273,14 +277,7 @@ def test_orthanc_pushes_a_study_and_the_sr_appears_in_the_same_study(
 def test_daemon_killed_with_a_delivery_outstanding_delivers_exactly_once_after_restart(
         tmp_path: Path, shared_dicom: Path, demo_bundle: Path, pacs: Pacs,
         daemons: list[DaemonProcess]) -> None:
-    port = free_port()
-    cfg = write_config(tmp_path / "d", _destination(pacs), port=port, bundle=demo_bundle)
-    daemon = DaemonProcess(cfg, tmp_path / "daemon.log", port).start()
-    daemons.append(daemon)
-    pa, _ = _study(shared_dicom, tmp_path / "in")
-    storescu(port, [pa])
-    engine, _ = _sessions(cfg)
-    sessions = make_session_factory(engine)
+    daemon, cfg, engine, sessions = _one_study_in(tmp_path, shared_dicom, demo_bundle, pacs, daemons)
 
     def attempted() -> bool:
         with unit_of_work(sessions) as s:
@@ -289,13 +286,11 @@ def test_daemon_killed_with_a_delivery_outstanding_delivers_exactly_once_after_r
     wait_until(attempted, timeout=120, what="a delivery attempt while the PACS is down")
     daemon.kill9()  # the serve process dies with the SR undelivered; its worker is orphaned
     pacs.start()
-    restarted = DaemonProcess(cfg, tmp_path / "daemon2.log", port).start()
+    restarted = DaemonProcess(cfg, tmp_path / "daemon2.log", daemon.port).start()
     daemons.append(restarted)
 
-    def delivered() -> bool:
-        with unit_of_work(sessions) as s:
-            return s.scalar(sa.select(Delivery.state)) == DeliveryState.DELIVERED
-    wait_until(delivered, timeout=120, what="delivery after the restart")
+    wait_until(lambda: _delivery(sessions, DeliveryState.DELIVERED), timeout=120,
+               what="delivery after the restart")
     assert len(pacs.srs()) == 1
     with unit_of_work(sessions) as s:
         assert s.scalar(sa.select(sa.func.count()).select_from(Result)) == 1

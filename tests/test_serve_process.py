@@ -17,14 +17,12 @@ from tests.conftest import (
     DCMTK_ENV,
     OPACITYD,
     STORESCU,
-    free_port,
     parse_acks,
     require,
     storescu,
     wait_until,
-    write_config,
 )
-from tests.daemon_process import DaemonProcess
+from tests.daemon_process import DaemonProcess, start_daemon
 from tests.factories import SENTINEL_PHI, make_dx, write_series
 
 
@@ -66,11 +64,9 @@ def _db(config_path: Path):  # type: ignore[no-untyped-def]
 
 def test_kill_9_mid_stream_loses_no_acknowledged_instance(
         tmp_path: Path, daemons: list[DaemonProcess], demo_bundle: Path) -> None:
-    port = free_port()
-    cfg = write_config(tmp_path / "d", port=port, quiet_s=1.0, bundle=demo_bundle)
+    daemon, cfg = start_daemon(tmp_path, daemons, quiet_s=1.0, bundle=demo_bundle)
+    port = daemon.port
     files = write_series(tmp_path / "in", 300, 256, 256)
-    daemon = DaemonProcess(cfg, tmp_path / "daemon.log", port).start()
-    daemons.append(daemon)
 
     scu, lines = _stream_until(port, files, acks_wanted=60)
     daemon.kill9()
@@ -106,11 +102,9 @@ def test_kill_9_mid_stream_loses_no_acknowledged_instance(
 
 def test_sigterm_lets_the_association_in_flight_finish_then_exits_0(
         tmp_path: Path, daemons: list[DaemonProcess], demo_bundle: Path) -> None:
-    port = free_port()
-    cfg = write_config(tmp_path / "d", port=port, bundle=demo_bundle)
+    daemon, cfg = start_daemon(tmp_path, daemons, bundle=demo_bundle)
+    port = daemon.port
     files = write_series(tmp_path / "in", 60, 128, 128)
-    daemon = DaemonProcess(cfg, tmp_path / "daemon.log", port).start()
-    daemons.append(daemon)
     scu, lines = _stream_until(port, files, acks_wanted=5)
     assert daemon.proc is not None
     daemon.proc.send_signal(signal.SIGTERM)
@@ -126,11 +120,9 @@ def test_sigterm_lets_the_association_in_flight_finish_then_exits_0(
 
 def test_second_sigterm_exits_at_once(tmp_path: Path, daemons: list[DaemonProcess],
                                       demo_bundle: Path) -> None:
-    port = free_port()
-    cfg = write_config(tmp_path / "d", port=port, grace_s=60.0, bundle=demo_bundle)
+    daemon, cfg = start_daemon(tmp_path, daemons, grace_s=60.0, bundle=demo_bundle)
+    port = daemon.port
     files = write_series(tmp_path / "in", 400, 256, 256)
-    daemon = DaemonProcess(cfg, tmp_path / "daemon.log", port).start()
-    daemons.append(daemon)
     scu, _ = _stream_until(port, files, acks_wanted=3)
     assert daemon.proc is not None
     daemon.proc.send_signal(signal.SIGTERM)
@@ -145,10 +137,8 @@ def test_second_sigterm_exits_at_once(tmp_path: Path, daemons: list[DaemonProces
 
 def test_patient_identifiers_never_appear_in_any_log_line(
         tmp_path: Path, daemons: list[DaemonProcess], demo_bundle: Path) -> None:
-    port = free_port()
-    cfg = write_config(tmp_path / "d", port=port, log_level="debug", bundle=demo_bundle)
-    daemon = DaemonProcess(cfg, tmp_path / "daemon.log", port).start()
-    daemons.append(daemon)
+    daemon, cfg = start_daemon(tmp_path, daemons, log_level="debug", bundle=demo_bundle)
+    port = daemon.port
     folder = tmp_path / "in"
     folder.mkdir()
     for i, extra in enumerate([{}, {"view": "LL"}, {"modality": "CT"}]):
