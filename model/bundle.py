@@ -36,6 +36,7 @@ def save_bundle(model: keras.Model, bundle: Path, *, name: str, version: str,
     fd, temp = tempfile.mkstemp(dir=bundle, suffix=".keras")
     os.close(fd)
     model.save(temp)
+    os.chmod(temp, 0o644)  # mkstemp makes it 0600; the service user must be able to read it
     os.replace(temp, bundle / WEIGHTS)
     manifest = Manifest(
         name=name, version=version, created=datetime.now(UTC).isoformat(timespec="seconds"),

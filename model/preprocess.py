@@ -117,6 +117,14 @@ def resize_antialiased(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return resize(image, shape, order=1, anti_aliasing=True, preserve_range=True).astype(np.float32)
 
 
+def network_input(equalized: np.ndarray) -> np.ndarray:
+    """Equalised [0, 1] image(s) (..., h, w) to the network's (..., h, w, 3) in [-1, 1].
+
+    The one place this scaling lives: inference and training (which caches the
+    equalised images and augments them) both end here."""
+    return np.repeat((np.asarray(equalized, dtype=np.float32) * 2.0 - 1.0)[..., None], 3, axis=-1)
+
+
 def to_model_input(display: Display, spec: PreprocessSpec) -> Preprocessed:
     size = spec.input_size
     h, w = display.image.shape
@@ -129,8 +137,7 @@ def to_model_input(display: Display, spec: PreprocessSpec) -> Preprocessed:
         equalized = np.zeros((size, size), dtype=np.float32)
         top, left = (size - inner[0]) // 2, (size - inner[1]) // 2
         equalized[top:top + inner[0], left:left + inner[1]] = content
-    array = np.repeat((equalized * 2.0 - 1.0)[..., None], 3, axis=2)
-    return Preprocessed(array, equalized, display.notes, display.voi)
+    return Preprocessed(network_input(equalized), equalized, display.notes, display.voi)
 
 
 def preprocess(source: Dataset | str | Path, spec: PreprocessSpec) -> Preprocessed:

@@ -1,0 +1,88 @@
+"""`python -m training` (or `opacityd-train`): prepare, fit, evaluate, export, or all four."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from model.errors import BundleError, WeightsUnavailable
+from training.config import ConfigError, load_config
+from training.records import LayoutError
+from training.run import RunPaths, run_config
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="opacityd-train", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    prepare = sub.add_parser("prepare", help="read the datasets, cache the images, split; writes RUN/data")
+    prepare.add_argument("--config", type=Path, help="training TOML (default: training/default.toml)")
+    prepare.add_argument("--run", type=Path, required=True, help="run folder to create")
+    for name, text in (("fit", "train phase 1 and phase 2 (resumes an interrupted run)"),
+                       ("evaluate", "metrics, thresholds, plots and report.md on the final test")):
+        command = sub.add_parser(name, help=text)
+        command.add_argument("--run", type=Path, required=True)
+    export = sub.add_parser("export", help="write a model bundle the daemon serves")
+    export.add_argument("--run", type=Path, required=True)
+    export.add_argument("--bundle", type=Path, required=True)
+    export.add_argument("--name", default="opacity-xception")
+    export.add_argument("--version", required=True)
+    everything = sub.add_parser("all", help="prepare, fit, evaluate and export in one go")
+    everything.add_argument("--config", type=Path)
+    everything.add_argument("--run", type=Path, required=True)
+    everything.add_argument("--bundle", type=Path, required=True)
+    everything.add_argument("--name", default="opacity-xception")
+    everything.add_argument("--version", required=True)
+    return parser
+
+
+def _prepare(config_path: Path | None, paths: RunPaths) -> None:
+    from training.prepare import prepare
+
+    config = load_config(config_path)
+    if paths.config.exists():
+        raise ConfigError(f"{paths.root} already holds a run; choose a new --run folder")
+    paths.root.mkdir(parents=True, exist_ok=True)
+    paths.config.write_text(config.text)
+    try:
+        prepared = prepare(config, paths)
+    except Exception:
+        paths.config.unlink()  # not a prepared run; the problem report (if any) stays for reading
+        raise
+    print(paths.summary.read_text(), end="")
+    print(f"{len(prepared.problems)} problems listed in {paths.problems}")
+    for note in prepared.notes:
+        print(f"note: {note}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    paths = RunPaths(args.run)
+    try:
+        if args.command in ("prepare", "all"):
+            _prepare(args.config, paths)
+        if args.command in ("fit", "all"):
+            from training.fit import fit
+
+            fit(run_config(paths), paths)
+        if args.command in ("evaluate", "all"):
+            from training.evaluate import evaluate
+
+            metrics = evaluate(run_config(paths), paths)
+            test = metrics["test"]
+            print(f"final test: {test['images']} images, accuracy {test['argmax']['accuracy']:.4f}, "
+                  f"AUC {test['auc']}; report {paths.report}")
+        if args.command in ("export", "all"):
+            from training.export import export
+
+            manifest = export(run_config(paths), paths, args.bundle, args.name, args.version)
+            print(f"wrote bundle {args.bundle}: {manifest.label}")
+    except (ConfigError, LayoutError) as e:
+        print(f"opacityd-train: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except (FileNotFoundError, ValueError, WeightsUnavailable, BundleError) as e:
+        print(f"opacityd-train: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    return EXIT_OK

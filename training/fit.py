@@ -1,0 +1,176 @@
+"""`fit`: the thesis's two phases, resumable, checkpointing the best validation AUC.
+
+Phase 1: merged data, Xception base frozen, Nadam 1e-3. Phase 2: from phase 1's best
+weights, competition data only, whole network trainable, Nadam 0.01. Each phase writes
+best.keras, history.csv and, when finished, DONE; an interrupted phase resumes from its
+last completed epoch (keras BackupAndRestore).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+
+from model.network import build_xception
+from training.augment import build_augmenter
+from training.config import Config, PhaseConfig
+from training.dataset import Batches, Row, inputs, load_rows, open_cache, select
+from training.metrics import auc
+from training.records import Split
+from training.run import RunPaths
+
+HEAD_LAYERS = ("gap", "bn", "probabilities")
+
+
+class ValidationMetrics(keras.callbacks.Callback):  # type: ignore[misc]
+    """val_loss, val_accuracy and val_auc (positive class) on the validation split, added to
+    the epoch logs before the checkpoint and early stopping read them; one line per epoch."""
+
+    def __init__(self, cache: np.ndarray, rows: list[Row], batch_size: int, phase: int) -> None:
+        super().__init__()
+        self.cache, self.rows, self.batch_size, self.phase = cache, rows, batch_size, phase
+        self.y = np.array([r.target for r in rows])
+        self.started = time.perf_counter()
+        self.train_seconds: list[float] = []
+        """Per epoch, the training part only (no validation)."""
+
+    def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        self.started = time.perf_counter()
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        logs = logs if logs is not None else {}
+        self.train_seconds.append(time.perf_counter() - self.started)
+        probs = predict_probabilities(self.model, self.cache, self.rows, self.batch_size)
+        p = np.clip(probs, 1e-7, 1 - 1e-7)
+        logs["val_loss"] = float(-np.mean(self.y * np.log(p) + (1 - self.y) * np.log(1 - p)))
+        logs["val_accuracy"] = float(np.mean((probs >= 0.5) == self.y))
+        logs["val_auc"] = auc(self.y, probs) or 0.5
+        shown = " ".join(f"{k}={v:.4f}" for k, v in sorted(logs.items()) if isinstance(v, float))
+        print(f"phase {self.phase} epoch {epoch + 1}: {shown} "
+              f"seconds={time.perf_counter() - self.started:.0f}", flush=True)
+
+
+def predict_probabilities(model: keras.Model, cache: np.ndarray, rows: list[Row],
+                          batch_size: int) -> np.ndarray:
+    """P(opacity) per row, batch by batch with predict_on_batch (as the daemon's Predictor)."""
+    out = []
+    for start in range(0, len(rows), batch_size):
+        batch = inputs(cache, rows[start:start + batch_size])
+        out.append(np.asarray(model.predict_on_batch(batch))[:, 1])
+    return np.concatenate(out).astype(np.float64) if out else np.zeros(0)
+
+
+def _set_trainable(model: keras.Model, train_base: bool) -> None:
+    for layer in model.layers:
+        layer.trainable = train_base or layer.name in HEAD_LAYERS
+
+
+def _class_weights(rows: list[Row]) -> dict[int, float]:
+    counts = np.bincount([r.target for r in rows], minlength=2)
+    return {i: float(len(rows) / (2 * max(1, c))) for i, c in enumerate(counts)}
+
+
+def _best_so_far(history: Path) -> float | None:
+    if not history.is_file():
+        return None
+    with history.open(newline="") as fh:
+        values = [float(r["val_auc"]) for r in csv.DictReader(fh) if r.get("val_auc")]
+    return max(values) if values else None
+
+
+@dataclass(frozen=True)
+class PhaseResult:
+    number: int
+    epochs_run: int
+    best_val_auc: float | None
+    images_per_second: float
+
+
+def run_phase(number: int, model: keras.Model, phase: PhaseConfig, config: Config, paths: RunPaths,
+              cache: np.ndarray, train: list[Row], valid: list[Row]) -> PhaseResult:
+    folder = paths.phase(number)
+    folder.mkdir(parents=True, exist_ok=True)
+    _set_trainable(model, phase.train_base)
+    model.compile(optimizer=keras.optimizers.Nadam(phase.learning_rate),
+                  loss="categorical_crossentropy", metrics=["accuracy"])
+    augmenter = build_augmenter(config.augment, config.train.seed + number)
+    batches = Batches(cache, train, config.train.batch_size, augmenter,
+                      seed=config.train.seed + number, max_batches=config.train.steps_per_epoch)
+    best = _best_so_far(paths.history(number))
+    validation = ValidationMetrics(cache, valid, config.train.batch_size, number)
+    callbacks: list[keras.callbacks.Callback] = [
+        validation,
+        keras.callbacks.ModelCheckpoint(paths.checkpoint(number), monitor="val_auc", mode="max",
+                                        save_best_only=True, initial_value_threshold=best),
+        keras.callbacks.CSVLogger(str(paths.history(number)), append=True),
+        keras.callbacks.BackupAndRestore(str(folder / "backup")),
+    ]
+    if config.train.early_stopping_patience:
+        callbacks.append(keras.callbacks.EarlyStopping(
+            monitor="val_auc", mode="max", patience=config.train.early_stopping_patience))
+    print(f"phase {number}: {len(train)} training / {len(valid)} validation images, "
+          f"{len(batches)} batches of {config.train.batch_size}, lr {phase.learning_rate}, "
+          f"base {'trainable' if phase.train_base else 'frozen'}", flush=True)
+    history = model.fit(batches, epochs=phase.epochs, callbacks=callbacks, verbose=1,
+                        class_weight=_class_weights(train) if config.train.class_weights else None)
+    epochs_run = len(history.epoch)
+    images = min(len(train), len(batches) * config.train.batch_size)
+    # The first epoch includes graph compilation; the median of the others is the speed.
+    timed = validation.train_seconds[1:] or validation.train_seconds
+    seconds = float(np.median(timed)) if timed else 0.0
+    if not paths.checkpoint(number).is_file():  # resumed after the last epoch's checkpoint
+        model.save(paths.checkpoint(number))
+    result = PhaseResult(number, epochs_run, _best_so_far(paths.history(number)),
+                         round(images / seconds, 2) if seconds and images else math.nan)
+    paths.done(number).write_text(json.dumps(result.__dict__) + "\n")
+    shutil.rmtree(folder / "backup", ignore_errors=True)
+    return result
+
+
+def _weights_argument(weights: str) -> str | None:
+    return None if weights.lower() == "none" else weights
+
+
+def fit(config: Config, paths: RunPaths) -> dict[str, Any]:
+    keras.utils.set_random_seed(config.train.seed)
+    rows = load_rows(paths.manifest)
+    cache = open_cache(paths.cache)
+    record: dict[str, Any] = {"backend": keras.backend.backend(), "keras_version": keras.__version__,
+                              "weights": config.model.weights, "phases": {}}
+    for number, phase in ((1, config.phase1), (2, config.phase2)):
+        if phase.epochs == 0:
+            continue
+        train, valid = select(rows, Split.TRAIN, phase.sources), select(rows, Split.VALID, phase.sources)
+        if not train or not valid:
+            raise ValueError(f"phase {number}: no training or validation images from sources "
+                             f"{list(phase.sources)}")
+        if paths.done(number).is_file():
+            print(f"phase {number}: already finished ({paths.done(number)}); skipped", flush=True)
+            record["phases"][number] = json.loads(paths.done(number).read_text())
+            continue
+        if number == 1:
+            model = build_xception(config.model.input_size, _weights_argument(config.model.weights))
+        else:
+            model = keras.saving.load_model(paths.checkpoint(1), compile=False)
+        result = run_phase(number, model, phase, config, paths, cache, train, valid)
+        record["phases"][number] = result.__dict__
+    (paths.root / "fit.json").write_text(json.dumps(record, indent=2) + "\n")
+    return record
+
+
+def best_checkpoint(config: Config, paths: RunPaths) -> Path:
+    """Phase 2's best weights when phase 2 ran, else phase 1's."""
+    number = 2 if config.phase2.epochs and paths.checkpoint(2).is_file() else 1
+    checkpoint = paths.checkpoint(number)
+    if not checkpoint.is_file():
+        raise FileNotFoundError(f"{checkpoint} does not exist; run `python -m training fit` first")
+    return checkpoint

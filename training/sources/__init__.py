@@ -1,0 +1,1 @@
+"""Dataset adapters: each reads one on-disk layout into :class:`training.records.Record` s."""
