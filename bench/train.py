@@ -1,0 +1,88 @@
+"""Training benchmark: images/s for phase 1 (base frozen) and phase 2 (whole network) at 299 px.
+
+    python -m bench.train [--input-size 299] [--batch 16] [--steps 4]
+
+For each phase, two figures measured in this process after a warm-up (graph compilation):
+- pipeline: ``model.fit`` over training/'s PyDataset (cached equalised images -> Keras 3
+  augmentation layers -> network scaling), as ``python -m training fit`` runs it;
+- bare: ``train_on_batch`` on one ready tensor (the network and optimizer alone);
+and their ratio. Synthetic images: speed does not depend on the pixels. Any Keras backend
+(``KERAS_BACKEND=jax`` on a GPU host).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+
+import keras
+import numpy as np
+
+from model.device import describe_device
+from model.network import build_xception
+from training.augment import build_augmenter
+from training.config import AugmentConfig
+from training.dataset import Batches, Row
+from training.fit import _set_trainable
+from training.records import Label, Split
+
+
+def _progress(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _rate(images: int, seconds: float) -> float:
+    return images / seconds if seconds else float("nan")
+
+
+def measure(phase: int, size: int, batch: int, steps: int) -> tuple[float, float]:
+    keras.utils.set_random_seed(phase)
+    model = build_xception(size, weights=None)
+    _set_trainable(model, train_base=phase == 2)
+    model.compile(optimizer=keras.optimizers.Nadam(1e-3 if phase == 1 else 0.01),
+                  loss="categorical_crossentropy", metrics=["accuracy"])
+    count = batch * steps
+    cache = np.random.default_rng(0).random((count, size, size), dtype=np.float32)
+    rows = [Row(str(i), "", "bench", Label.OPACITY if i % 2 else Label.NONE, Split.TRAIN, i)
+            for i in range(count)]
+    augmenter = build_augmenter(AugmentConfig(True, 0.1, 0.05, (0.8, 1.1)), seed=phase)
+    batches = Batches(cache, rows, batch, augmenter, seed=phase)
+    _progress(f"phase {phase}: warm-up (compiling the training step)")
+    model.fit(batches, epochs=1, steps_per_epoch=1, verbose=0)
+    _progress(f"phase {phase}: pipeline, {steps} steps of {batch}")
+    started = time.perf_counter()
+    model.fit(batches, epochs=1, verbose=0)
+    pipeline = _rate(count, time.perf_counter() - started)
+    x, y = batches[0]
+    model.train_on_batch(x, y)
+    _progress(f"phase {phase}: bare train_on_batch, {steps} steps of {batch}")
+    started = time.perf_counter()
+    for _ in range(steps):
+        model.train_on_batch(x, y)
+    bare = _rate(count, time.perf_counter() - started)
+    return pipeline, bare
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input-size", type=int, default=299)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=4)
+    args = parser.parse_args()
+    print(f"host: {platform.node()} ({os.cpu_count()} CPUs), Keras {keras.__version__} on "
+          f"{keras.backend.backend()}, device {describe_device()}; input {args.input_size} px, "
+          f"batch {args.batch}, {args.steps} timed steps")
+    print("| phase | pipeline images/s | bare train_on_batch images/s | pipeline / bare |")
+    print("|---|---|---|---|")
+    for phase in (1, 2):
+        pipeline, bare = measure(phase, args.input_size, args.batch, args.steps)
+        print(f"| {phase} ({'base frozen' if phase == 1 else 'all trainable'}) | {pipeline:.2f} | "
+              f"{bare:.2f} | {pipeline / bare:.2f} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
