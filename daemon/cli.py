@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import getpass
 import json
 import sys
 from collections.abc import Sequence
@@ -14,14 +13,14 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from daemon import model_cli
+from daemon import model_cli, ops_cli
 from daemon.config import Config, load_config
 from daemon.exceptions import ConfigError
 from daemon.logs import configure_logging
 from daemon.output import emit
 from db import deliveries, jobs, migrate, queue
 from db.engine import create_db_engine, make_session_factory, unit_of_work
-from db.states import DeliveryState
+from db.states import AuditAction, DeliveryState
 
 EXIT_OK, EXIT_ERROR, EXIT_CONFIG = 0, 1, 2
 
@@ -51,6 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="counts of studies, jobs and instances per state")
     status.add_argument("--json", action="store_true")
     model_cli.add_parser(sub)
+    ops_cli.add_parsers(sub)
     studies = sub.add_parser("studies", help="recent studies with their state")
     studies.add_argument("--limit", type=int, default=20)
     studies.add_argument("--json", action="store_true")
@@ -99,6 +99,14 @@ def _dispatch(args: argparse.Namespace, config: Config) -> int:
         return _studies(args, config)
     if args.command == "model":
         return model_cli.run(args)
+    if args.command in ("worklist", "audit", "purge"):
+        engine, sessions = _open_sessions(config)
+        try:
+            runner = {"worklist": ops_cli.run_worklist, "audit": ops_cli.run_audit,
+                      "purge": ops_cli.run_purge}[args.command]
+            return runner(args, config, sessions)
+        finally:
+            engine.dispose()
     raise AssertionError(args.command)  # argparse guarantees a known command
 
 
@@ -140,16 +148,20 @@ def _status(args: argparse.Namespace, config: Config) -> int:
 def _queue_command(args: argparse.Namespace, config: Config) -> int:
     engine, sessions = _open_sessions(config)
     now = datetime.now(UTC)
-    actor = f"operator:{getpass.getuser()}"
+    actor = ops_cli.operator()
     try:
         with unit_of_work(sessions) as session:
             if args.command == "requeue":
-                count = jobs.requeue_failed(session, now, actor,
-                                            None if args.failed else args.study_uid)
+                study = None if args.failed else args.study_uid
+                count = jobs.requeue_failed(session, now, actor, study)
+                queue.audit(session, AuditAction.OPERATOR_COMMAND, actor, now, study_uid=study,
+                            command="requeue", jobs=count)
                 emit(f"requeued {count} failed job(s)")
                 return EXIT_OK if count or args.failed else EXIT_ERROR
             if args.command == "resend":
                 count = deliveries.resend(session, args.study_uid, now, actor)
+                queue.audit(session, AuditAction.OPERATOR_COMMAND, actor, now, study_uid=args.study_uid,
+                            command="resend", deliveries=count)
                 emit(f"re-queued {count} delivery(ies) of the latest SR" if count
                       else "no SR recorded for that study")
                 return EXIT_OK if count else EXIT_ERROR

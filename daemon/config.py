@@ -68,6 +68,8 @@ class ReceiverConfig:
     dimse_timeout_s: float = 60.0
     network_timeout_s: float = 60.0
     shutdown_grace_s: float = 30.0
+    min_free_disk_mb: int = 512
+    """Below this much free space in the spool's file system, C-STORE answers 0xA700."""
     accept_any_storage_class: bool = False
     extra_sop_classes: tuple[str, ...] = ()
     ineligible_instances: IneligiblePolicy = "keep"
@@ -133,6 +135,37 @@ class DestinationConfig:
 class ModelConfig:
     bundle: str = ""
     """Path of the model bundle directory; ``$OPACITYD_MODEL`` overrides it."""
+    decision_threshold: float = -1.0
+    """Overrides of the bundle manifest's thresholds; -1 keeps the bundle's value."""
+    urgent_threshold: float = -1.0
+    elevated_threshold: float = -1.0
+
+
+@dataclass(frozen=True)
+class WorklistConfig:
+    show_identifiers: bool = False
+    """Show study UID and accession number in `opacityd worklist` and the HTTP API."""
+
+
+@dataclass(frozen=True)
+class HTTPConfig:
+    enabled: bool = True
+    bind_address: str = "127.0.0.1"
+    port: int = 8642
+    token: str = ""
+    """Bearer token for every request; required when bind_address is not loopback."""
+    token_file: str = ""
+    """A file holding the token (a systemd credential named http-token is used too)."""
+
+
+@dataclass(frozen=True)
+class RetentionConfig:
+    enabled: bool = True
+    delivered_hours: float = 24.0
+    """Spooled images are deleted this long after their study's SR was delivered everywhere."""
+    ineligible_hours: float = 1.0
+    """Ineligible images (kept for audit) are deleted this long after their study closed."""
+    check_interval_s: float = 300.0
 
 
 @dataclass(frozen=True)
@@ -152,6 +185,9 @@ class Config:
     worker: WorkerConfig = WorkerConfig()
     delivery: DeliveryConfig = DeliveryConfig()
     destinations: tuple[DestinationConfig, ...] = ()
+    worklist: WorklistConfig = WorklistConfig()
+    http: HTTPConfig = HTTPConfig()
+    retention: RetentionConfig = RetentionConfig()
     logging: LoggingConfig = LoggingConfig()
     source: str = field(default="<embedded defaults>", compare=False)
 
@@ -204,9 +240,20 @@ def load_config(path: str | Path | None = None, env: typing.Mapping[str, str] | 
     bundle = env.get(ENV_MODEL) or config.model.bundle
     if bundle and not Path(bundle).is_absolute():
         bundle = str((base_dir if not env.get(ENV_MODEL) else Path.cwd()) / bundle)
+    token = config.http.token
+    credentials = env.get("CREDENTIALS_DIRECTORY")
+    token_file = config.http.token_file or (
+        str(Path(credentials) / "http-token") if credentials and (Path(credentials) / "http-token").is_file()
+        else "")
+    if token_file and not token:
+        try:
+            token = Path(token_file).read_text().strip()
+        except OSError as e:
+            raise ConfigError(f"http.token_file = {token_file!r}: cannot read it ({e.strerror})") from e
     config = dataclasses.replace(
-        config, paths=PathsConfig(state_dir=str(state_path)), model=ModelConfig(bundle=bundle),
-        source=source,
+        config, paths=PathsConfig(state_dir=str(state_path)),
+        model=dataclasses.replace(config.model, bundle=bundle),
+        http=dataclasses.replace(config.http, token=token), source=source,
     )
     _check_semantics(config)
     return config
@@ -336,6 +383,25 @@ def _check_semantics(config: Config) -> None:
              "a number of seconds > 0")
     _require(config.database.busy_timeout_ms >= 0, "database.busy_timeout_ms",
              config.database.busy_timeout_ms, "an integer >= 0")
+    for name in ("decision_threshold", "urgent_threshold", "elevated_threshold"):
+        value = getattr(config.model, name)
+        _require(value == -1.0 or 0.0 <= value <= 1.0, f"model.{name}", value,
+                 "-1 (the bundle's value) or a probability from 0 to 1")
+    h = config.http
+    _require(0 <= h.port <= 65535, "http.port", h.port, "an integer from 0 to 65535")
+    try:
+        loopback = ipaddress.ip_address(h.bind_address).is_loopback
+    except ValueError:
+        _require(False, "http.bind_address", h.bind_address, "an IPv4 or IPv6 address")
+    _require(loopback or bool(h.token) or not h.enabled, "http.token", "",
+             "a token (http.token, http.token_file or the http-token credential) when "
+             "http.bind_address is not a loopback address")
+    ret = config.retention
+    for name in ("delivered_hours", "ineligible_hours"):
+        _require(getattr(ret, name) >= 0, f"retention.{name}", getattr(ret, name), "hours >= 0")
+    _require(ret.check_interval_s > 0, "retention.check_interval_s", ret.check_interval_s,
+             "a number of seconds > 0")
+    _require(r.min_free_disk_mb >= 0, "receiver.min_free_disk_mb", r.min_free_disk_mb, "an integer >= 0")
     url = config.database.url
     _require(url == "" or "://" in url, "database.url", url,
              "empty (SQLite in the state folder) or an SQLAlchemy URL such as postgresql://...")

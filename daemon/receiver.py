@@ -53,8 +53,10 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from daemon.access import REJECTED_PERMANENT, SOURCE_SERVICE_USER, AccessPolicy
 from daemon.config import Config
+from daemon.disk import DiskGuard
 from daemon.eligibility import classify
 from daemon.exceptions import SpoolError, SpoolFullError
+from daemon.metrics import Metrics
 from daemon.spool import Spool, is_valid_uid
 from daemon.statuses import StoreStatus, status_dataset
 from db import queue
@@ -137,10 +139,13 @@ def _identify(ds: Dataset, requested_sop_class: str) -> dict[str, str]:
 class Receiver:
     """The Storage SCP. ``start()`` listens in background threads; ``stop()`` drains."""
 
-    def __init__(self, config: Config, sessions: sessionmaker[Session], spool: Spool) -> None:
+    def __init__(self, config: Config, sessions: sessionmaker[Session], spool: Spool,
+                 disk: DiskGuard | None = None, metrics: Metrics | None = None) -> None:
         self.config = config
         self.sessions = sessions
         self.spool = spool
+        self.disk = disk
+        self.metrics = metrics
         self.policy = AccessPolicy(config.receiver.ae_title, config.receiver.peers)
         self.server: ThreadedAssociationServer | None = None
         self._assoc_ids: weakref.WeakKeyDictionary[Association, str] = weakref.WeakKeyDictionary()
@@ -232,6 +237,8 @@ class Receiver:
             return
         log.warning("association_rejected", calling_ae=calling, called_ae=called, address=address,
                     reason=reason.label)
+        if self.metrics is not None:
+            self.metrics.rejected.labels(reason.label).inc()
         try:
             with unit_of_work(self.sessions) as session:
                 queue.record_association_rejected(session, calling or "?", address,
@@ -277,6 +284,9 @@ class Receiver:
                           f"cannot parse data set ({type(e).__name__})") from e
         study_uid, sop_uid = uids["StudyInstanceUID"], uids["SOPInstanceUID"]
         structlog.contextvars.bind_contextvars(study_uid=study_uid)
+        if self.disk is not None and self.disk.low():
+            raise Refusal(StoreStatus.OUT_OF_RESOURCES, "disk_below_watermark",
+                          "spool disk below its free-space watermark", study_uid, sop_uid)
         try:
             verdict = classify(ds, self.config.eligibility)
             accession = str(ds.get("AccessionNumber", "") or "").strip()[:16] or None
@@ -324,12 +334,16 @@ class Receiver:
         log.info("instance_stored", sop_instance_uid=sop_uid, outcome=outcome.value,
                  eligible=verdict.eligible, reason=verdict.reason.value, kept=relative is not None,
                  bytes=len(body), ms=round((time.perf_counter() - started) * 1000, 1))
+        if self.metrics is not None:
+            self.metrics.received.labels(str(verdict.eligible).lower(), verdict.reason.value).inc()
         return status_dataset(StoreStatus.SUCCESS)
 
     def _refuse(self, refusal: Refusal, calling: str) -> Dataset:
         log.warning("instance_refused", status=f"0x{int(refusal.status):04X}",
                     reason=refusal.reason, detail=refusal.comment,
                     study_uid=refusal.study_uid, sop_instance_uid=refusal.sop_instance_uid)
+        if self.metrics is not None:
+            self.metrics.refused.labels(refusal.reason).inc()
         if refusal.reason != "database_error":
             try:
                 with unit_of_work(self.sessions) as session:

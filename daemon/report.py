@@ -8,6 +8,7 @@ private scheme designator).
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import hashlib
 from collections.abc import Sequence
@@ -19,7 +20,7 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
 from daemon.eligibility import OWN_MANUFACTURER
-from model.manifest import NOT_FOR_CLINICAL_USE, Manifest
+from model.manifest import NOT_FOR_CLINICAL_USE, Manifest, Thresholds
 
 SCHEME = "99OPACITYD"
 PLAIN_CHEST_XRAY = Code("399208008", "SCT", "Plain chest X-ray")
@@ -43,6 +44,26 @@ class Priority(enum.StrEnum):
     @property
     def code(self) -> Code:
         return Code(f"PRI-{self.value.upper()}", SCHEME, self.value.replace("_", " ").capitalize())
+
+
+PRIORITY_ORDER = (Priority.URGENT, Priority.ELEVATED, Priority.ROUTINE, Priority.NOT_ANALYSABLE)
+"""Worklist order: most likely abnormal first; studies the model could not score last."""
+
+
+def with_threshold_overrides(manifest: Manifest, decision: float, urgent: float,
+                             elevated: float) -> Manifest:
+    """The manifest with the site's configured thresholds (-1 keeps the bundle's value).
+
+    Raises ValueError when the result would put elevated above urgent."""
+    current = manifest.thresholds
+    chosen = Thresholds(
+        decision=current.decision if decision < 0 else decision,
+        urgent=current.urgent if urgent < 0 else urgent,
+        elevated=current.elevated if elevated < 0 else elevated,
+    )
+    if chosen.elevated > chosen.urgent:
+        raise ValueError(f"elevated threshold {chosen.elevated} exceeds urgent threshold {chosen.urgent}")
+    return dataclasses.replace(manifest, thresholds=chosen)
 
 
 def priority_for(probability: float | None, manifest: Manifest) -> Priority:

@@ -1,4 +1,5 @@
-"""Periodic jobs run by apscheduler inside `opacityd serve`: study completion, SR delivery."""
+"""Periodic jobs run by apscheduler inside `opacityd serve`: study completion, SR delivery,
+retention (purge)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from daemon.config import Config
+from daemon.retention import purge_job
 from daemon.sender import send_due
 from daemon.spool import Spool
 from db import queue
@@ -45,6 +47,12 @@ def build_scheduler(config: Config, sessions: sessionmaker[Session],
         args=(sessions, timedelta(seconds=cfg.study_quiet_period_s)),
         id="complete_studies", max_instances=1, coalesce=True, misfire_grace_time=None,
     )
+    if spool is not None and config.retention.enabled:
+        scheduler.add_job(
+            purge_job, "interval", seconds=config.retention.check_interval_s,
+            args=(config, sessions, spool), id="purge", max_instances=1, coalesce=True,
+            misfire_grace_time=None,
+        )
     if spool is not None and config.delivery.enabled:
         scheduler.add_job(
             send_due, "interval", seconds=config.delivery.poll_interval_s,

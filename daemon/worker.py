@@ -11,11 +11,13 @@ second exits at once.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import signal
 import socket
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -29,7 +31,15 @@ from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from daemon.config import Config
-from daemon.report import ImageOutcome, build_sr, priority_for, sr_instance_uid, study_probability
+from daemon.health import ready_marker
+from daemon.report import (
+    ImageOutcome,
+    build_sr,
+    priority_for,
+    sr_instance_uid,
+    study_probability,
+    with_threshold_overrides,
+)
 from daemon.spool import Spool
 from db import jobs
 from db.engine import create_db_engine, make_session_factory, unit_of_work
@@ -53,6 +63,8 @@ class _Image:
     array: np.ndarray | None = None
     refusal: str | None = None
     probability: float | None = None
+    inference_s: float = 0.0
+    """This image's share of its batch's network time."""
 
 
 class Worker:
@@ -61,6 +73,9 @@ class Worker:
         self.config = config
         self.sessions = sessions
         self.predictor = predictor
+        m = config.model
+        self.manifest = with_threshold_overrides(predictor.manifest, m.decision_threshold,
+                                                 m.urgent_threshold, m.elevated_threshold)
         self.spool = spool
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}"
         self.lease = timedelta(seconds=config.worker.lease_s)
@@ -69,7 +84,8 @@ class Worker:
         self.destinations = enabled if config.delivery.enabled else []
 
     def run(self, stop: threading.Event) -> None:
-        log.info("worker_started", owner=self.owner, model=self.predictor.manifest.label,
+        log.info("worker_started", owner=self.owner, model=self.manifest.label,
+                 thresholds=dataclasses.asdict(self.manifest.thresholds),
                  device=self.predictor.device, destinations=self.destinations,
                  shadow_mode=not self.config.delivery.enabled)
         while not stop.is_set():
@@ -108,6 +124,7 @@ class Worker:
         batch_size = self.config.worker.batch_size
         for start in range(0, len(ready), batch_size):
             chunk = ready[start:start + batch_size]
+            started = time.perf_counter()
             try:
                 probabilities = self.predictor.predict(
                     np.stack([img.array for img in chunk if img.array is not None]))
@@ -115,8 +132,10 @@ class Worker:
                 for job in {img.job.job_id: img.job for img in chunk}.values():
                     self._fail(job, f"inference failed: {type(e).__name__}: {e}", transient=True)
                 return
+            share = (time.perf_counter() - started) / len(chunk)
             for img, p in zip(chunk, probabilities, strict=True):
                 img.probability = float(p)
+                img.inference_s = share
                 img.array = None
         for job in claimed:
             self._finish(job, inputs[job.job_id], [img for img in images if img.job is job])
@@ -131,7 +150,7 @@ class Worker:
                 self._fail(job, f"{type(e).__name__}: {e}"[:300], transient=False)
 
     def _record(self, job: jobs.ClaimedJob, items: list[jobs.JobInput], images: list[_Image]) -> None:
-        manifest = self.predictor.manifest
+        manifest = self.manifest
         outcomes = [ImageOutcome(img.header, img.probability, img.refusal)
                     for img in images if img.header is not None]
         unreadable = [f"{img.sop_uid} ({img.refusal})" for img in images if img.header is None]
@@ -164,7 +183,9 @@ class Worker:
             model_name=manifest.name, model_version=manifest.version,
             model_validated=manifest.validated, probability=study_p,
             decision=None if study_p is None else study_p >= manifest.thresholds.decision,
-            threshold=manifest.thresholds.decision, priority=priority.value,
+            threshold=manifest.thresholds.decision, urgent_threshold=manifest.thresholds.urgent,
+            elevated_threshold=manifest.thresholds.elevated, priority=priority.value,
+            inference_seconds=round(sum(img.inference_s for img in images), 4),
             sr_sop_instance_uid=str(sr.SOPInstanceUID), sr_series_uid=str(sr.SeriesInstanceUID),
             sr_path=relative,
             detail={"images": {str(o.header.SOPInstanceUID): (
@@ -231,7 +252,17 @@ def run_worker(config: Config) -> int:
         return 2
     engine = create_db_engine(config.database_url, config.database.busy_timeout_ms)
     predictor = Predictor(Path(config.model.bundle), warm_up_batch=1)
-    worker = Worker(config, make_session_factory(engine), predictor, Spool(config.spool_dir))
-    worker.run(stop)
-    engine.dispose()
+    try:
+        worker = Worker(config, make_session_factory(engine), predictor, Spool(config.spool_dir))
+    except ValueError as e:
+        log.error("thresholds_invalid", error=str(e))
+        return 2
+    marker = ready_marker(config, os.getpid())
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(worker.manifest.label + "\n")
+    try:
+        worker.run(stop)
+    finally:
+        marker.unlink(missing_ok=True)
+        engine.dispose()
     return 0

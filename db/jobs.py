@@ -47,7 +47,10 @@ class ResultRecord:
     probability: float | None
     decision: bool | None
     threshold: float
+    urgent_threshold: float
+    elevated_threshold: float
     priority: str
+    inference_seconds: float
     sr_sop_instance_uid: str
     sr_series_uid: str
     sr_path: str
@@ -95,7 +98,10 @@ def renew_lease(session: Session, job_id: int, owner: str, lease: timedelta, now
 
 def job_inputs(session: Session, study_id: int) -> list[JobInput]:
     rows = session.execute(
-        sa.select(Instance.sop_instance_uid, Instance.spool_path, Instance.eligible,
+        # A purged instance's file is gone: it is no longer an input (retention, docs/operations.md).
+        sa.select(Instance.sop_instance_uid,
+                  sa.case((Instance.purged_at.is_(None), Instance.spool_path), else_=None),
+                  Instance.eligible,
                   Instance.eligibility_reason)
         .where(Instance.study_id == study_id).order_by(Instance.id)).all()
     return [JobInput(*row) for row in rows]
@@ -137,7 +143,9 @@ def finish_job(session: Session, claimed: ClaimedJob, owner: str, record: Result
                     study_revision=claimed.revision, model_name=record.model_name,
                     model_version=record.model_version, model_validated=record.model_validated,
                     probability=record.probability, decision=record.decision,
-                    threshold=record.threshold, priority=record.priority,
+                    threshold=record.threshold, urgent_threshold=record.urgent_threshold,
+                    elevated_threshold=record.elevated_threshold, priority=record.priority,
+                    inference_seconds=record.inference_seconds,
                     sr_sop_instance_uid=record.sr_sop_instance_uid,
                     sr_series_uid=record.sr_series_uid, sr_path=record.sr_path,
                     detail=json.dumps(record.detail, sort_keys=True), created_at=now)

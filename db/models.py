@@ -87,6 +87,8 @@ class Instance(Base):
     received_at: Mapped[datetime] = mapped_column(UTCDateTime())
     receive_count: Mapped[int] = mapped_column(default=1)
     study_revision: Mapped[int]
+    purged_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), index=True)
+    """When retention deleted the spooled file (the row stays)."""
 
     study: Mapped[Study] = relationship(back_populates="instances")
 
@@ -141,7 +143,12 @@ class Result(Base):
     """Study level: the maximum over its scored images; NULL when not analysable."""
     decision: Mapped[bool | None]
     threshold: Mapped[float]
+    """The decision threshold used."""
+    urgent_threshold: Mapped[float | None]
+    elevated_threshold: Mapped[float | None]
     priority: Mapped[str] = mapped_column(sa.String(32), index=True)
+    inference_seconds: Mapped[float | None]
+    """Network time spent on this study's images (its share of the batches)."""
     sr_sop_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
     sr_series_uid: Mapped[str] = mapped_column(UID)
     sr_path: Mapped[str] = mapped_column(sa.String(255))

@@ -57,6 +57,9 @@ class AuditAction(enum.StrEnum):
     DELIVERY_RETRY = "delivery_retry"
     DELIVERY_FAILED = "delivery_failed"
     DELIVERY_REQUEUED = "delivery_requeued"
+    STUDY_PURGED = "study_purged"
+    """Retention deleted spooled files of the study (detail: how many, why)."""
+    OPERATOR_COMMAND = "operator_command"
 
 
 STUDY_TRANSITIONS: dict[StudyState, frozenset[StudyState]] = {

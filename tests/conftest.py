@@ -78,7 +78,8 @@ def write_config(folder: Path, extra: str = "", *, port: int | None = None,
         f'[receiver]\nport = {port or free_port()}\nshutdown_grace_s = {grace_s}\n{receiver_extra}\n'
         f'[scheduler]\nstudy_quiet_period_s = {quiet_s}\ncheck_interval_s = 0.1\n'
         f'[logging]\nformat = "json"\nlevel = "{log_level}"\n'
-        f'[model]\nbundle = "{bundle or ""}"\n{rest}\n'
+        f'[model]\nbundle = "{bundle or ""}"\n'
+        f'[http]\nport = {free_port()}\n{rest}\n'
     )
     return path
 

@@ -1,0 +1,132 @@
+"""What the reading room sees: studies by priority, then arrival; one study's full history."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from db.models import AuditEvent, Delivery, Instance, Job, Result, Study
+from db.states import DeliveryState
+
+PRIORITY_RANK = {"urgent": 0, "elevated": 1, "routine": 2, "not_analysable": 3}
+
+
+@dataclass(frozen=True)
+class WorklistEntry:
+    study_id: int
+    study_uid: str
+    accession_number: str | None
+    priority: str
+    probability: float | None
+    model: str
+    model_validated: bool
+    received_at: datetime
+    scored_at: datetime
+    delivery: str
+    """delivered | pending | failed | not_sent (shadow mode or no destination)."""
+
+    def to_json(self, show_identifiers: bool, now: datetime) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "study": self.study_id, "priority": self.priority,
+            "probability": None if self.probability is None else round(self.probability, 4),
+            "model": self.model, "model_validated": self.model_validated,
+            "received_at": self.received_at.isoformat(timespec="seconds"),
+            "age_s": round((now - self.received_at).total_seconds()),
+            "scored_at": self.scored_at.isoformat(timespec="seconds"), "delivery": self.delivery,
+        }
+        if show_identifiers:
+            data.update(study_uid=self.study_uid, accession_number=self.accession_number)
+        return data
+
+
+def _delivery_state(states: list[DeliveryState]) -> str:
+    if not states:
+        return "not_sent"
+    for state in (DeliveryState.FAILED, DeliveryState.PENDING):
+        if state in states:
+            return state.value
+    return DeliveryState.DELIVERED.value
+
+
+def worklist(session: Session, levels: list[str] | None = None, since: datetime | None = None,
+             limit: int = 200) -> list[WorklistEntry]:
+    """Each study's latest result, ordered by priority then oldest arrival first."""
+    latest = (sa.select(sa.func.max(Result.id).label("id")).group_by(Result.study_id)).subquery()
+    rank = sa.case(PRIORITY_RANK, value=Result.priority, else_=len(PRIORITY_RANK))
+    query = (sa.select(Study, Result).join(Result, Result.study_id == Study.id)
+             .join(latest, latest.c.id == Result.id)
+             .order_by(rank, Study.first_received_at, Study.id).limit(limit))
+    if levels:
+        query = query.where(Result.priority.in_(levels))
+    if since is not None:
+        query = query.where(Study.first_received_at >= since)
+    rows = session.execute(query).all()
+    states: dict[int, list[DeliveryState]] = {}
+    if rows:
+        result_ids = [r.id for _, r in rows]
+        for result_id, state in session.execute(sa.select(Delivery.result_id, Delivery.state)
+                                                 .where(Delivery.result_id.in_(result_ids))):
+            states.setdefault(result_id, []).append(state)
+    return [WorklistEntry(s.id, s.study_uid, s.accession_number, r.priority, r.probability,
+                          f"{r.model_name} {r.model_version}", r.model_validated, s.first_received_at,
+                          r.created_at, _delivery_state(states.get(r.id, [])))
+            for s, r in rows]
+
+
+def find_study(session: Session, key: str) -> Study | None:
+    """By Study Instance UID, or by the internal number the worklist shows."""
+    study = session.scalar(sa.select(Study).where(Study.study_uid == key))
+    if study is None and key.isdigit():
+        study = session.get(Study, int(key))
+    return study
+
+
+def _iso(value: datetime | None) -> str | None:
+    return None if value is None else value.isoformat(timespec="seconds")
+
+
+def study_history(session: Session, study: Study, show_identifiers: bool) -> dict[str, Any]:
+    """Everything known about one study, no patient data: instances, jobs, results, deliveries,
+    and the audit trail in time order."""
+    instances = session.scalars(sa.select(Instance).where(Instance.study_id == study.id)
+                                .order_by(Instance.id)).all()
+    jobs = session.scalars(sa.select(Job).where(Job.study_id == study.id).order_by(Job.id)).all()
+    results = session.scalars(sa.select(Result).where(Result.study_id == study.id)
+                              .order_by(Result.id)).all()
+    deliveries = session.scalars(sa.select(Delivery).where(
+        Delivery.result_id.in_([r.id for r in results])).order_by(Delivery.id)).all() if results else []
+    events = session.scalars(sa.select(AuditEvent).where(AuditEvent.study_uid == study.study_uid)
+                             .order_by(AuditEvent.at, AuditEvent.id)).all()
+    data: dict[str, Any] = {
+        "study": study.id, "state": study.state.value, "revision": study.revision,
+        "first_received_at": _iso(study.first_received_at), "last_received_at": _iso(study.last_received_at),
+        "completed_at": _iso(study.completed_at),
+        "instances": [{"sop_instance_uid": i.sop_instance_uid, "modality": i.modality,
+                       "view": i.view_position, "eligible": i.eligible, "reason": i.eligibility_reason,
+                       "received_at": _iso(i.received_at), "receive_count": i.receive_count,
+                       "held": i.spool_path is not None and i.purged_at is None,
+                       "purged_at": _iso(i.purged_at)} for i in instances],
+        "jobs": [{"id": j.id, "revision": j.study_revision, "state": j.state.value, "attempts": j.attempts,
+                  "last_error": j.last_error, "updated_at": _iso(j.updated_at)} for j in jobs],
+        "results": [{"id": r.id, "revision": r.study_revision, "model": f"{r.model_name} {r.model_version}",
+                     "model_validated": r.model_validated, "probability": r.probability,
+                     "decision": r.decision, "priority": r.priority,
+                     "thresholds": {"decision": r.threshold, "urgent": r.urgent_threshold,
+                                    "elevated": r.elevated_threshold},
+                     "inference_seconds": r.inference_seconds, "sr_sop_instance_uid": r.sr_sop_instance_uid,
+                     "created_at": _iso(r.created_at)} for r in results],
+        "deliveries": [{"result": d.result_id, "destination": d.destination, "state": d.state.value,
+                        "attempts": d.attempts, "last_reason": d.last_reason,
+                        "delivered_at": _iso(d.delivered_at)} for d in deliveries],
+        "audit": [{"at": _iso(e.at), "action": e.action.value, "actor": e.actor,
+                   "sop_instance_uid": e.sop_instance_uid,
+                   "detail": json.loads(e.detail) if e.detail else None} for e in events],
+    }
+    if show_identifiers:
+        data.update(study_uid=study.study_uid, accession_number=study.accession_number)
+    return data
