@@ -37,27 +37,30 @@ class PurgeCandidate:
 
 def candidates(session: Session, now: datetime, delivered_hours: float, ineligible_hours: float,
                limit: int = 5000) -> list[PurgeCandidate]:
+    latest = (sa.select(Result.study_id, sa.func.max(Result.id).label("result_id"))
+              .group_by(Result.study_id).subquery())
+    not_delivered = sa.case((Delivery.state != DeliveryState.DELIVERED, 1), else_=0)
+    sent = (sa.select(Delivery.result_id, sa.func.sum(not_delivered).label("open"),
+                      sa.func.max(Delivery.delivered_at).label("last"))
+            .group_by(Delivery.result_id).subquery())
+    waiting = (sa.select(Job.study_id).where(Job.state.in_([JobState.QUEUED, JobState.RUNNING]))
+               .distinct().subquery())
     held = sa.and_(Instance.spool_path.is_not(None), Instance.purged_at.is_(None))
-    latest = sa.select(sa.func.max(Result.id)).where(Result.study_id == Study.id).scalar_subquery()
-    open_delivery = sa.exists().where(Delivery.result_id == latest,
-                                      Delivery.state != DeliveryState.DELIVERED)
-    last_delivery = (sa.select(sa.func.max(Delivery.delivered_at)).where(Delivery.result_id == latest)
-                     .scalar_subquery())
-    result_time = sa.select(Result.created_at).where(Result.id == latest).scalar_subquery()
-    result_revision = sa.select(Result.study_revision).where(Result.id == latest).scalar_subquery()
-    waiting_job = sa.exists().where(Job.study_id == Study.id,
-                                    Job.state.in_([JobState.QUEUED, JobState.RUNNING]))
-    done_before = now - timedelta(hours=delivered_hours)
     delivered = sa.and_(
-        Instance.eligible.is_(True), Study.state == StudyState.COMPLETE, latest.is_not(None),
-        result_revision == Study.revision, ~waiting_job, ~open_delivery,
-        sa.func.coalesce(last_delivery, result_time) <= done_before)
+        Instance.eligible.is_(True), Study.state == StudyState.COMPLETE,
+        Result.study_revision == Study.revision, waiting.c.study_id.is_(None),
+        sa.func.coalesce(sent.c.open, 0) == 0,
+        sa.func.coalesce(sent.c.last, Result.created_at) <= now - timedelta(hours=delivered_hours))
     ineligible = sa.and_(Instance.eligible.is_(False), Study.state != StudyState.RECEIVING,
                          Study.last_received_at <= now - timedelta(hours=ineligible_hours))
     rows = session.execute(
         sa.select(Instance.id, Study.study_uid, Instance.spool_path, Instance.size_bytes,
                   Instance.eligible)
         .join(Study, Study.id == Instance.study_id)
+        .outerjoin(latest, latest.c.study_id == Study.id)
+        .outerjoin(Result, Result.id == latest.c.result_id)
+        .outerjoin(sent, sent.c.result_id == Result.id)
+        .outerjoin(waiting, waiting.c.study_id == Study.id)
         .where(held, sa.or_(delivered, ineligible)).order_by(Instance.id).limit(limit)).all()
     return [PurgeCandidate(r.id, r.study_uid, r.spool_path, r.size_bytes,
                            PurgeReason.DELIVERED if r.eligible else PurgeReason.INELIGIBLE) for r in rows]

@@ -73,13 +73,16 @@ def write_config(folder: Path, extra: str = "", *, port: int | None = None,
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "config.toml"
     receiver_extra, rest = _split_receiver(extra)
+    http = f"[http]\nport = {free_port()}\n"
+    if "[http]\n" in rest:  # the test configures [http] itself: give it a free port there
+        rest, http = rest.replace("[http]\n", http, 1), ""
     path.write_text(
         f'[paths]\nstate_dir = "{folder / "state"}"\n'
         f'[receiver]\nport = {port or free_port()}\nshutdown_grace_s = {grace_s}\n{receiver_extra}\n'
         f'[scheduler]\nstudy_quiet_period_s = {quiet_s}\ncheck_interval_s = 0.1\n'
         f'[logging]\nformat = "json"\nlevel = "{log_level}"\n'
         f'[model]\nbundle = "{bundle or ""}"\n'
-        f'[http]\nport = {free_port()}\n{rest}\n'
+        f'{http}{rest}\n'
     )
     return path
 

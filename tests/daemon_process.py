@@ -14,8 +14,9 @@ from tests.conftest import OPACITYD, echoscu, free_port, wait_until, write_confi
 
 
 class DaemonProcess:
-    def __init__(self, config: Path, log: Path, port: int) -> None:
+    def __init__(self, config: Path, log: Path, port: int, env: dict[str, str] | None = None) -> None:
         self.config = config
+        self.env = env or {}
         self.log_path = log
         self.port = port
         self.proc: subprocess.Popen[bytes] | None = None
@@ -24,7 +25,7 @@ class DaemonProcess:
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             [OPACITYD, "--config", str(self.config), "serve"],
-            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env},
         )
         log.close()
         wait_until(self._answers_echo, timeout=60, interval=0.2, what="opacityd to answer C-ECHO")
@@ -65,10 +66,10 @@ def daemons() -> Iterator[list[DaemonProcess]]:
 
 
 def start_daemon(folder: Path, daemons: list[DaemonProcess], extra: str = "",
-                 **config: object) -> tuple[DaemonProcess, Path]:
+                 env: dict[str, str] | None = None, **config: object) -> tuple[DaemonProcess, Path]:
     """`opacityd serve` on a free port with its own config in ``folder``; returns it and the config."""
     port = free_port()
     cfg = write_config(folder / "d", extra, port=port, **config)  # type: ignore[arg-type]
-    daemon = DaemonProcess(cfg, folder / "daemon.log", port).start()
+    daemon = DaemonProcess(cfg, folder / "daemon.log", port, env).start()
     daemons.append(daemon)
     return daemon, cfg
