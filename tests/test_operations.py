@@ -111,6 +111,9 @@ def test_purge_deletes_delivered_and_ineligible_pixels_keeps_rows_and_audits(tmp
         dry = purge(h.config, h.sessions, h.spool, dry_run=True)
         assert sorted(c.study_uid for c in dry.candidates) == sorted([delivered, shadow, lateral])
         assert all(p.exists() for p in files.values())
+        listing = _cli(tmp_path / "config.toml", "purge", "--dry-run")
+        assert "would delete 3 spooled file(s)" in listing.stdout, listing.stdout + listing.stderr
+        assert all(p.exists() for p in files.values())
         done = purge(h.config, h.sessions, h.spool)
         assert (done.files, done.studies) == (3, 3)
         assert {uid for uid, p in files.items() if not p.exists()} == {delivered, shadow, lateral}

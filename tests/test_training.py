@@ -233,3 +233,37 @@ def test_training_code_uses_no_tensorflow_api() -> None:
         text = path.read_text()
         assert "import tensorflow" not in text and not re.search(r"\btf\.[A-Za-z_]", text), path
         assert "ImageDataGenerator(" not in text and "keras.preprocessing.image" not in text, path
+
+
+@pytest.mark.timeout(900)
+def test_fit_killed_mid_phase_resumes_where_it_stopped(tmp_path: Path) -> None:
+    data = make_tiny_data(tmp_path)
+    config = write_training_config(tmp_path / "t.toml", data, phase1={"epochs": 3}, phase2={"epochs": 0})
+    run = tmp_path / "run"
+    assert train_main(["prepare", "--config", str(config), "--run", str(run)]) == 0
+    history = run / "phase1" / "history.csv"
+    backup = run / "phase1" / "backup"
+    proc = subprocess.Popen([sys.executable, "-m", "training", "fit", "--run", str(run)], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        import time
+
+        deadline = time.monotonic() + 300
+        while not (history.is_file() and len(history.read_text().splitlines()) >= 2
+                   and backup.is_dir() and any(backup.rglob("*"))):
+            assert proc.poll() is None, "fit ended before it could be interrupted"
+            assert time.monotonic() < deadline, "no finished epoch within 300 s"
+            time.sleep(0.2)
+        time.sleep(1.0)  # let the epoch's backup finish writing
+    finally:
+        proc.kill()
+        proc.wait()
+    if len(history.read_text().splitlines()) == 4:
+        pytest.skip("the machine was too fast: all epochs finished before the kill")
+    done_before = len(history.read_text().splitlines()) - 1
+    assert not (run / "phase1" / "DONE").exists()
+    assert train_main(["fit", "--run", str(run)]) == 0
+    epochs = [int(r["epoch"]) for r in csv.DictReader(history.open())]
+    assert epochs == [0, 1, 2], f"resumed after {done_before} epoch(s) but history says {epochs}"
+    assert (run / "phase1" / "DONE").is_file() and (run / "phase1" / "best.keras").is_file()
+    assert len((run / "fit.log").read_text().splitlines()) == 3

@@ -35,9 +35,11 @@ class ValidationMetrics(keras.callbacks.Callback):  # type: ignore[misc]
     """val_loss, val_accuracy and val_auc (positive class) on the validation split, added to
     the epoch logs before the checkpoint and early stopping read them; one line per epoch."""
 
-    def __init__(self, cache: np.ndarray, rows: list[Row], batch_size: int, phase: int) -> None:
+    def __init__(self, cache: np.ndarray, rows: list[Row], batch_size: int, phase: int,
+                 log_file: Path) -> None:
         super().__init__()
         self.cache, self.rows, self.batch_size, self.phase = cache, rows, batch_size, phase
+        self.log_file = log_file
         self.y = np.array([r.target for r in rows])
         self.started = time.perf_counter()
         self.train_seconds: list[float] = []
@@ -55,8 +57,11 @@ class ValidationMetrics(keras.callbacks.Callback):  # type: ignore[misc]
         logs["val_accuracy"] = float(np.mean((probs >= 0.5) == self.y))
         logs["val_auc"] = auc(self.y, probs) or 0.5
         shown = " ".join(f"{k}={v:.4f}" for k, v in sorted(logs.items()) if isinstance(v, float))
-        print(f"phase {self.phase} epoch {epoch + 1}: {shown} "
-              f"seconds={time.perf_counter() - self.started:.0f}", flush=True)
+        line = (f"phase {self.phase} epoch {epoch + 1}: {shown} "
+                f"seconds={time.perf_counter() - self.started:.0f}")
+        print(line, flush=True)
+        with self.log_file.open("a") as fh:
+            fh.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {line}\n")
 
 
 def predict_probabilities(model: keras.Model, cache: np.ndarray, rows: list[Row],
@@ -106,7 +111,7 @@ def run_phase(number: int, model: keras.Model, phase: PhaseConfig, config: Confi
     batches = Batches(cache, train, config.train.batch_size, augmenter,
                       seed=config.train.seed + number, max_batches=config.train.steps_per_epoch)
     best = _best_so_far(paths.history(number))
-    validation = ValidationMetrics(cache, valid, config.train.batch_size, number)
+    validation = ValidationMetrics(cache, valid, config.train.batch_size, number, paths.root / "fit.log")
     callbacks: list[keras.callbacks.Callback] = [
         validation,
         keras.callbacks.ModelCheckpoint(paths.checkpoint(number), monitor="val_auc", mode="max",
