@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
 import subprocess
 import sys
@@ -267,3 +268,30 @@ def test_fit_killed_mid_phase_resumes_where_it_stopped(tmp_path: Path) -> None:
     assert epochs == [0, 1, 2], f"resumed after {done_before} epoch(s) but history says {epochs}"
     assert (run / "phase1" / "DONE").is_file() and (run / "phase1" / "best.keras").is_file()
     assert len((run / "fit.log").read_text().splitlines()) == 3
+
+
+@pytest.mark.timeout(900)
+def test_training_runs_under_jax_and_the_daemon_serves_its_bundle(tmp_path: Path) -> None:
+    """GPU hosts have JAX but no TensorFlow: the same code trains there, and the bundle it
+    exports is served by the daemon's TensorFlow predictor with the same probabilities."""
+    pytest.importorskip("jax")
+    data = make_tiny_data(tmp_path)
+    config = write_training_config(tmp_path / "t.toml", data, phase2={"epochs": 0})
+    run, bundle = tmp_path / "run", tmp_path / "bundle"
+    assert train_main(["prepare", "--config", str(config), "--run", str(run)]) == 0
+    env = {**os.environ, "KERAS_BACKEND": "jax"}
+    for args in (["fit", "--run", str(run)], ["evaluate", "--run", str(run)],
+                 ["export", "--run", str(run), "--bundle", str(bundle), "--version", "0.0.1-jax"]):
+        proc = subprocess.run([sys.executable, "-m", "training", *args], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads((run / "fit.json").read_text())["backend"] == "jax"
+    from model.predictor import Predictor
+    from model.preprocess import preprocess
+
+    predictor = Predictor(bundle)
+    assert predictor.manifest.backend == "jax"
+    paths = {r["image_id"]: r["path"] for r in _manifest(run)}
+    for row in list(csv.DictReader((run / "evaluation" / "predictions.csv").open()))[:3]:
+        pre = preprocess(paths[row["image_id"]], predictor.manifest.preprocessing)
+        assert abs(float(predictor.predict(pre.array[None])[0]) - float(row["probability"])) < 1e-4, row
