@@ -33,6 +33,7 @@ from daemon.http_api import HttpApi
 from daemon.metrics import Metrics
 from daemon.output import emit
 from daemon.receiver import Receiver
+from daemon.report import with_threshold_overrides
 from daemon.scheduler import build_scheduler
 from daemon.spool import Spool
 from daemon.systemd import notify, watchdog_interval_s
@@ -160,7 +161,13 @@ def serve(config: Config) -> int:
     signal.signal(signal.SIGINT, on_signal)
 
     try:
-        manifest = check_model(config)
+        m = config.model
+        manifest = with_threshold_overrides(check_model(config), m.decision_threshold,
+                                            m.urgent_threshold, m.elevated_threshold)
+    except ValueError as e:
+        log.error("thresholds_invalid", error=str(e))
+        emit(f"opacityd: model thresholds: {e} (check [model] in the config)", error=True)
+        return EXIT_NO_MODEL
     except BundleError as e:
         log.error("model_bundle_unusable", error=str(e))
         emit(f"opacityd: {e}", error=True)

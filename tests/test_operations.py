@@ -321,3 +321,13 @@ def test_install_script_lays_out_a_service(tmp_path: Path) -> None:
     again = subprocess.run(["sh", str(REPO / "deploy" / "install.sh"), "--venv", str(venv), "--no-enable"],
                            capture_output=True, text=True, env=env, timeout=120)
     assert again.returncode == 0 and "kept the existing" in again.stdout
+
+
+def test_serve_refuses_thresholds_that_put_elevated_above_urgent(tmp_path: Path, demo_bundle: Path) -> None:
+    cfg = write_config(tmp_path / "d", bundle=demo_bundle)
+    cfg.write_text(cfg.read_text().replace("[model]\n", "[model]\nurgent_threshold = 0.3\n"
+                                           "elevated_threshold = 0.8\n"))
+    proc = subprocess.run([OPACITYD, "--config", str(cfg), "serve"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2
+    assert "elevated threshold 0.8 exceeds urgent threshold 0.3" in proc.stderr

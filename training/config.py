@@ -75,6 +75,7 @@ class EvaluateConfig:
     target_sensitivities: tuple[float, ...]
     decision_sensitivity: float
     error_examples: int
+    error_grid_sources: tuple[str, ...]
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from training.plots import write_all
 from training.records import Split
 from training.report import write_report
 from training.run import RunPaths
+from training.splits import source_matches
 
 
 def bundle_thresholds(chosen: dict[float, float], config: Config) -> dict[str, float]:
@@ -32,10 +33,11 @@ def bundle_thresholds(chosen: dict[float, float], config: Config) -> dict[str, f
 
 
 def _errors(cache: np.ndarray, rows: list[Row], p: np.ndarray, decision: float,
-            count: int) -> dict[str, list[tuple[np.ndarray, str]]]:
+            count: int, sources: tuple[str, ...]) -> dict[str, list[tuple[np.ndarray, str]]]:
     y = np.array([r.target for r in rows])
-    fp = [i for i in np.argsort(-p) if y[i] == 0 and p[i] >= decision][:count]
-    fn = [i for i in np.argsort(p) if y[i] == 1 and p[i] < decision][:count]
+    shown = [source_matches(r.source, sources) for r in rows]
+    fp = [i for i in np.argsort(-p) if shown[i] and y[i] == 0 and p[i] >= decision][:count]
+    fn = [i for i in np.argsort(p) if shown[i] and y[i] == 1 and p[i] < decision][:count]
     caption = lambda i: f"p={p[i]:.2f} {rows[i].source[:14]}"  # noqa: E731
     return {"false positives": [(np.asarray(cache[rows[i].cache_index]), caption(i)) for i in fp],
             "false negatives": [(np.asarray(cache[rows[i].cache_index]), caption(i)) for i in fn]}
@@ -64,6 +66,8 @@ def evaluate(config: Config, paths: RunPaths) -> dict[str, Any]:
         "valid": summarize(y_valid, p_valid, thresholds["decision"], rounds, seed),
         "test": summarize(y_test, p_test, thresholds["decision"], rounds, seed),
         "test_by_source": {},
+        "test_probability_range": [round(float(p_test.min()), 6), round(float(p_test.max()), 6)]
+        if len(p_test) else None,
     }
     sources = sorted({r.source for r in test})
     for source in sources:
@@ -84,6 +88,7 @@ def evaluate(config: Config, paths: RunPaths) -> dict[str, Any]:
             mask = np.array([r.source == source for r in test])
             curves[f"test {source[:24]}"] = (y_test[mask], p_test[mask])
     plots = write_all(paths, metrics, curves,
-                      _errors(cache, test, p_test, thresholds["decision"], config.evaluate.error_examples))
+                      _errors(cache, test, p_test, thresholds["decision"], config.evaluate.error_examples,
+                              config.evaluate.error_grid_sources))
     write_report(config, paths, metrics, plots)
     return metrics

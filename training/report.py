@@ -87,6 +87,12 @@ def write_report(config: Config, paths: RunPaths, metrics: dict[str, Any], plots
               "|---|---|---|---|---|---|---|",
               _row("test, pooled", metrics["test"])]
     lines += [_row(f"test, {source}", s) for source, s in metrics["test_by_source"].items()]
+    argmax = metrics["test"]["argmax"]["confusion_matrix"]
+    low_high = metrics.get("test_probability_range")
+    if low_high and (argmax[0][0] + argmax[1][0] == 0 or argmax[0][1] + argmax[1][1] == 0):
+        lines += ["", f"**At argmax every test image gets the same class**: the test probabilities span only "
+                  f"{low_high[0]:.4f}-{low_high[1]:.4f}, so accuracy at 0.5 says nothing about the "
+                  "ranking; the AUC and the figures at the validation-chosen threshold do."]
     lines += [_row("validation", metrics["valid"]), "",
               "Thresholds chosen on the validation split: " + ", ".join(
                   f"sensitivity {k} -> {v:.4f}" for k, v in metrics["thresholds_for_sensitivity"].items())
