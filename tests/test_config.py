@@ -84,3 +84,23 @@ def test_serve_refuses_to_start_on_a_bad_config(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert "receiver.max_associations = 0: expected an integer >= 1" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_http_beyond_loopback_needs_a_token_from_config_file_or_systemd_credential(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[http]\nbind_address = "0.0.0.0"\n')
+    with pytest.raises(ConfigError, match="http.token"):
+        load_config(cfg, env={})
+    credentials = tmp_path / "credentials"
+    credentials.mkdir()
+    (credentials / "http-token").write_text("from-systemd\n")
+    assert load_config(cfg, env={"CREDENTIALS_DIRECTORY": str(credentials)}).http.token == "from-systemd"
+    (tmp_path / "token").write_text("from-file\n")
+    cfg.write_text(f'[http]\nbind_address = "0.0.0.0"\ntoken_file = "{tmp_path / "token"}"\n')
+    assert load_config(cfg, env={}).http.token == "from-file"
+    cfg.write_text('[http]\nbind_address = "127.0.0.1"\ntoken_file = "/nonexistent/token"\n')
+    with pytest.raises(ConfigError, match="http.token_file"):
+        load_config(cfg, env={})
+    cfg.write_text('[model]\nurgent_threshold = 1.5\n')
+    with pytest.raises(ConfigError, match="model.urgent_threshold = 1.5"):
+        load_config(cfg, env={})
