@@ -38,7 +38,7 @@ def _errors(cache: np.ndarray, rows: list[Row], p: np.ndarray, decision: float,
     shown = [source_matches(r.source, sources) for r in rows]
     fp = [i for i in np.argsort(-p) if shown[i] and y[i] == 0 and p[i] >= decision][:count]
     fn = [i for i in np.argsort(p) if shown[i] and y[i] == 1 and p[i] < decision][:count]
-    caption = lambda i: f"p={p[i]:.2f} {rows[i].source[:14]}"  # noqa: E731
+    caption = lambda i: f"p={p[i]:.3f} {rows[i].source[:14]}"  # noqa: E731
     return {"false positives": [(np.asarray(cache[rows[i].cache_index]), caption(i)) for i in fp],
             "false negatives": [(np.asarray(cache[rows[i].cache_index]), caption(i)) for i in fn]}
 
