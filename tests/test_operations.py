@@ -331,3 +331,41 @@ def test_serve_refuses_thresholds_that_put_elevated_above_urgent(tmp_path: Path,
                           timeout=120)
     assert proc.returncode == 2
     assert "elevated threshold 0.8 exceeds urgent threshold 0.3" in proc.stderr
+
+
+def test_watchdog_pings_stop_while_the_service_is_unhealthy(tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stopped scheduler fails liveness: no WATCHDOG=1, a STATUS naming it instead, so systemd
+    restarts the service after WatchdogSec."""
+    import threading
+
+    from apscheduler.schedulers.background import BackgroundScheduler
+
+    from daemon.disk import DiskGuard
+    from daemon.health import Check, Health
+    from daemon.serve import _run_until_stopped
+
+    notify = _NotifySocket(tmp_path / "notify.sock")
+    notify.sock.settimeout(5)
+    monkeypatch.setenv("NOTIFY_SOCKET", str(notify.path))
+    monkeypatch.setenv("WATCHDOG_USEC", "400000")
+    monkeypatch.delenv("WATCHDOG_PID", raising=False)
+    with running_receiver(tmp_path) as h:
+        scheduler = BackgroundScheduler()  # never started
+        running = {"ok": False}
+        health = Health(h.sessions, DiskGuard(h.spool.root, 0),
+                        lambda: running["ok"] or bool(scheduler.running),
+                        lambda: h.receiver.server is not None, lambda: Check(True, "loaded"))
+        stop = threading.Event()
+        loop = threading.Thread(target=_run_until_stopped, args=(stop, None, health))
+        loop.start()
+        try:
+            messages = [notify.next() for _ in range(3)]
+            assert messages[0].startswith("READY=1")
+            assert "WATCHDOG=1" not in messages
+            assert any(m.startswith("STATUS=unhealthy: scheduler") for m in messages), messages
+            running["ok"] = True  # healthy again: the pings resume
+            assert "WATCHDOG=1" in [notify.next() for _ in range(3)]
+        finally:
+            stop.set()
+            loop.join(timeout=10)
