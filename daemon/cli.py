@@ -20,7 +20,7 @@ from daemon.logs import configure_logging
 from daemon.output import emit
 from db import deliveries, jobs, migrate, queue
 from db.engine import create_db_engine, make_session_factory, unit_of_work
-from db.states import AuditAction, DeliveryState
+from db.states import DeliveryState
 
 EXIT_OK, EXIT_ERROR, EXIT_CONFIG = 0, 1, 2
 
@@ -154,14 +154,12 @@ def _queue_command(args: argparse.Namespace, config: Config) -> int:
             if args.command == "requeue":
                 study = None if args.failed else args.study_uid
                 count = jobs.requeue_failed(session, now, actor, study)
-                queue.audit(session, AuditAction.OPERATOR_COMMAND, actor, now, study_uid=study,
-                            command="requeue", jobs=count)
+                ops_cli.record_command(session, "requeue", study, {"jobs": count})
                 emit(f"requeued {count} failed job(s)")
                 return EXIT_OK if count or args.failed else EXIT_ERROR
             if args.command == "resend":
                 count = deliveries.resend(session, args.study_uid, now, actor)
-                queue.audit(session, AuditAction.OPERATOR_COMMAND, actor, now, study_uid=args.study_uid,
-                            command="resend", deliveries=count)
+                ops_cli.record_command(session, "resend", args.study_uid, {"deliveries": count})
                 emit(f"re-queued {count} delivery(ies) of the latest SR" if count
                       else "no SR recorded for that study")
                 return EXIT_OK if count else EXIT_ERROR
@@ -184,14 +182,6 @@ def _queue_command(args: argparse.Namespace, config: Config) -> int:
     return EXIT_OK
 
 
-def _age(ts: datetime) -> str:
-    seconds = int((datetime.now(UTC) - ts).total_seconds())
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{seconds // size}{unit}"
-    return f"{seconds}s"
-
-
 def _studies(args: argparse.Namespace, config: Config) -> int:
     engine, sessions = _open_sessions(config)
     with unit_of_work(sessions) as session:
@@ -210,7 +200,7 @@ def _studies(args: argparse.Namespace, config: Config) -> int:
     for r in rows:
         emit(f"{r.study_uid:<64} {r.state.value:<10} {r.revision:>3} {r.instances:>5} "
               f"{r.eligible:>5} {(r.job_state.value if r.job_state else '-'):<10} "
-              f"{_age(r.last_received_at)} ago")
+              f"{ops_cli.age_text(int((datetime.now(UTC) - r.last_received_at).total_seconds()))} ago")
     return EXIT_OK
 
 

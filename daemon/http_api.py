@@ -12,7 +12,7 @@ import json
 import re
 import threading
 from collections.abc import Callable, Iterable
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from socketserver import ThreadingMixIn
 from typing import Any
 from urllib.parse import parse_qs
@@ -32,18 +32,6 @@ log = structlog.get_logger("opacityd.http")
 
 StartResponse = Callable[[str, list[tuple[str, str]]], Any]
 STUDY_PATH = re.compile(r"^/api/v1/studies/([0-9.]{1,64})$")
-DURATION = re.compile(r"^(\d+)([smhd])$")
-LEVELS = tuple(worklist.PRIORITY_RANK)
-
-
-def parse_since(text: str, now: datetime) -> datetime:
-    """``30m``, ``2h``, ``7d`` (a window back from now) or an ISO 8601 time."""
-    match = DURATION.match(text.strip())
-    if match:
-        unit = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}[match.group(2)]
-        return now - timedelta(**{unit: int(match.group(1))})
-    value = datetime.fromisoformat(text)
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
 class _Server(ThreadingMixIn, WSGIServer):
@@ -130,16 +118,11 @@ class HttpApi:
     def worklist(self, query: dict[str, list[str]]) -> dict[str, Any]:
         now = datetime.now(UTC)
         levels = [v for value in query.get("level", []) for v in value.split(",") if v]
-        unknown = sorted(set(levels) - set(LEVELS))
-        if unknown:
-            raise ValueError(f"unknown level {unknown[0]!r}; levels are {', '.join(LEVELS)}")
-        since = parse_since(query["since"][0], now) if "since" in query else None
+        since = worklist.parse_since(query["since"][0], now) if "since" in query else None
         limit = int(query.get("limit", ["200"])[0])
         with unit_of_work(self.sessions) as session:
-            entries = worklist.worklist(session, levels or None, since, limit)
-        show = self.config.worklist.show_identifiers
-        return {"generated_at": now.isoformat(timespec="seconds"),
-                "studies": [e.to_json(show, now) for e in entries]}
+            return worklist.worklist_document(session, levels, since, limit,
+                                              self.config.worklist.show_identifiers, now)
 
     @staticmethod
     def _json(start_response: StartResponse, status: str, data: dict[str, Any],

@@ -10,7 +10,6 @@ from datetime import UTC, datetime
 from sqlalchemy.orm import Session, sessionmaker
 
 from daemon.config import Config
-from daemon.http_api import LEVELS, parse_since
 from daemon.output import emit
 from daemon.retention import purge
 from daemon.spool import Spool
@@ -23,7 +22,7 @@ EXIT_OK, EXIT_ERROR = 0, 1
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     wl = sub.add_parser("worklist", help="scored studies by priority, then oldest first")
-    wl.add_argument("--level", action="append", choices=LEVELS, help="only this level (repeatable)")
+    wl.add_argument("--level", action="append", choices=worklist.LEVELS, help="only this level (repeatable)")
     wl.add_argument("--since", help="arrived within this window (30m, 2h, 7d) or since an ISO time")
     wl.add_argument("--limit", type=int, default=50)
     wl.add_argument("--json", action="store_true")
@@ -38,13 +37,15 @@ def operator() -> str:
     return f"operator:{getpass.getuser()}"
 
 
-def record_command(sessions: sessionmaker[Session], command: str, outcome: dict[str, int]) -> None:
-    with unit_of_work(sessions) as session:
-        queue.audit(session, AuditAction.OPERATOR_COMMAND, operator(), datetime.now(UTC),
-                    command=command, outcome=outcome)
+def record_command(session: Session, command: str, study_uid: str | None,
+                   outcome: dict[str, int]) -> None:
+    """The audit row of an operator command, in the caller's transaction."""
+    queue.audit(session, AuditAction.OPERATOR_COMMAND, operator(), datetime.now(UTC),
+                study_uid=study_uid, command=command, outcome=outcome)
 
 
-def _age(seconds: int) -> str:
+def age_text(seconds: int) -> str:
+    """``42s``, ``5m``, ``3h``, ``2d``: the largest whole unit."""
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
         if seconds >= size:
             return f"{seconds // size}{unit}"
@@ -53,23 +54,22 @@ def _age(seconds: int) -> str:
 
 def run_worklist(args: argparse.Namespace, config: Config, sessions: sessionmaker[Session]) -> int:
     now = datetime.now(UTC)
-    since = parse_since(args.since, now) if args.since else None
-    with unit_of_work(sessions) as session:
-        entries = worklist.worklist(session, args.level, since, args.limit)
+    since = worklist.parse_since(args.since, now) if args.since else None
     show = config.worklist.show_identifiers
-    rows = [e.to_json(show, now) for e in entries]
+    with unit_of_work(sessions) as session:
+        document = worklist.worklist_document(session, args.level, since, args.limit, show, now)
     if args.json:
-        emit(json.dumps({"generated_at": now.isoformat(timespec="seconds"), "studies": rows}, indent=2))
+        emit(json.dumps(document, indent=2))
         return EXIT_OK
     ident = f"{'STUDY UID':<64} {'ACCESSION':<16} " if show else ""
     emit(f"{'#':>6} {ident}{'PRIORITY':<15} {'P(OPACITY)':>10} {'AGE':>6} {'DELIVERY':<10} MODEL")
-    for e, row in zip(entries, rows, strict=True):
-        ident = f"{e.study_uid:<64} {(e.accession_number or '-'):<16} " if show else ""
+    for row in document["studies"]:
+        ident = f"{row['study_uid']:<64} {(row['accession_number'] or '-'):<16} " if show else ""
         probability = "-" if row["probability"] is None else f"{row['probability']:.3f}"
-        validated = "" if e.model_validated else " (NOT FOR CLINICAL USE)"
-        emit(f"{e.study_id:>6} {ident}{e.priority:<15} {probability:>10} {_age(row['age_s']):>6} "
-             f"{e.delivery:<10} {e.model}{validated}")
-    if not entries:
+        validated = "" if row["model_validated"] else " (NOT FOR CLINICAL USE)"
+        emit(f"{row['study']:>6} {ident}{row['priority']:<15} {probability:>10} "
+             f"{age_text(row['age_s']):>6} {row['delivery']:<10} {row['model']}{validated}")
+    if not document["studies"]:
         emit("(no scored studies match)")
     return EXIT_OK
 
@@ -109,5 +109,6 @@ def run_purge(args: argparse.Namespace, config: Config, sessions: sessionmaker[S
         for c in summary.candidates[:200]:
             emit(f"  {c.reason.value:<10} {c.spool_path}")
     else:
-        record_command(sessions, "purge", {"files": summary.files, "bytes": summary.bytes})
+        with unit_of_work(sessions) as session:
+            record_command(session, "purge", None, {"files": summary.files, "bytes": summary.bytes})
     return EXIT_OK

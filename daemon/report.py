@@ -46,23 +46,18 @@ class Priority(enum.StrEnum):
         return Code(f"PRI-{self.value.upper()}", SCHEME, self.value.replace("_", " ").capitalize())
 
 
-PRIORITY_ORDER = (Priority.URGENT, Priority.ELEVATED, Priority.ROUTINE, Priority.NOT_ANALYSABLE)
-"""Worklist order: most likely abnormal first; studies the model could not score last."""
-
-
 def with_threshold_overrides(manifest: Manifest, decision: float, urgent: float,
                              elevated: float) -> Manifest:
     """The manifest with the site's configured thresholds (-1 keeps the bundle's value).
 
-    Raises ValueError when the result would put elevated above urgent."""
+    Raises :class:`BundleError` (from :meth:`Thresholds.check`) when the result is invalid."""
     current = manifest.thresholds
     chosen = Thresholds(
         decision=current.decision if decision < 0 else decision,
         urgent=current.urgent if urgent < 0 else urgent,
         elevated=current.elevated if elevated < 0 else elevated,
     )
-    if chosen.elevated > chosen.urgent:
-        raise ValueError(f"elevated threshold {chosen.elevated} exceeds urgent threshold {chosen.urgent}")
+    chosen.check()
     return dataclasses.replace(manifest, thresholds=chosen)
 
 

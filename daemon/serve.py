@@ -164,10 +164,6 @@ def serve(config: Config) -> int:
         m = config.model
         manifest = with_threshold_overrides(check_model(config), m.decision_threshold,
                                             m.urgent_threshold, m.elevated_threshold)
-    except ValueError as e:
-        log.error("thresholds_invalid", error=str(e))
-        emit(f"opacityd: model thresholds: {e} (check [model] in the config)", error=True)
-        return EXIT_NO_MODEL
     except BundleError as e:
         log.error("model_bundle_unusable", error=str(e))
         emit(f"opacityd: {e}", error=True)

@@ -43,7 +43,7 @@ from daemon.report import (
 from daemon.spool import Spool
 from db import jobs
 from db.engine import create_db_engine, make_session_factory, unit_of_work
-from model.errors import PreprocessError
+from model.errors import BundleError, PreprocessError
 from model.predictor import Predictor
 from model.preprocess import PreprocessSpec, preprocess, read_dicom
 
@@ -254,8 +254,8 @@ def run_worker(config: Config) -> int:
     predictor = Predictor(Path(config.model.bundle), warm_up_batch=1)
     try:
         worker = Worker(config, make_session_factory(engine), predictor, Spool(config.spool_dir))
-    except ValueError as e:
-        log.error("thresholds_invalid", error=str(e))
+    except BundleError as e:
+        log.error("model_bundle_unusable", error=str(e))
         return 2
     marker = ready_marker(config, os.getpid())
     marker.parent.mkdir(parents=True, exist_ok=True)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
@@ -14,6 +15,19 @@ from db.models import AuditEvent, Delivery, Instance, Job, Result, Study
 from db.states import DeliveryState
 
 PRIORITY_RANK = {"urgent": 0, "elevated": 1, "routine": 2, "not_analysable": 3}
+"""Worklist order: most likely abnormal first; studies the model could not score last."""
+LEVELS = tuple(PRIORITY_RANK)
+_DURATION = re.compile(r"^(\d+)([smhd])$")
+
+
+def parse_since(text: str, now: datetime) -> datetime:
+    """``30m``, ``2h``, ``7d`` (a window back from now) or an ISO 8601 time."""
+    match = _DURATION.match(text.strip())
+    if match:
+        unit = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}[match.group(2)]
+        return now - timedelta(**{unit: int(match.group(1))})
+    value = datetime.fromisoformat(text)
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
 @dataclass(frozen=True)
@@ -76,6 +90,18 @@ def worklist(session: Session, levels: list[str] | None = None, since: datetime 
                           f"{r.model_name} {r.model_version}", r.model_validated, s.first_received_at,
                           r.created_at, _delivery_state(states.get(r.id, [])))
             for s, r in rows]
+
+
+def worklist_document(session: Session, levels: list[str] | None, since: datetime | None, limit: int,
+                      show_identifiers: bool, now: datetime) -> dict[str, Any]:
+    """The worklist as the CLI's --json and /api/v1/worklist return it; ValueError names an
+    unknown level."""
+    unknown = sorted(set(levels or ()) - set(LEVELS))
+    if unknown:
+        raise ValueError(f"unknown level {unknown[0]!r}; levels are {', '.join(LEVELS)}")
+    return {"generated_at": now.isoformat(timespec="seconds"),
+            "studies": [e.to_json(show_identifiers, now)
+                        for e in worklist(session, levels or None, since, limit)]}
 
 
 def find_study(session: Session, key: str) -> Study | None:

@@ -30,7 +30,8 @@ class Thresholds:
             if not 0.0 <= value <= 1.0:
                 raise BundleError(f"manifest thresholds.{name} = {value!r}: expected 0..1")
         if self.elevated > self.urgent:
-            raise BundleError("manifest thresholds: elevated must not exceed urgent")
+            raise BundleError(f"thresholds: elevated threshold {self.elevated} exceeds urgent threshold "
+                              f"{self.urgent}")
 
 
 @dataclass(frozen=True)
