@@ -81,23 +81,18 @@ def main(argv: list[str] | None = None) -> int:
     arrived: dict[str, float] = {}
     seen: set[str] = set()
     try:
-        _progress("waiting for the daemon and its worker (model load) ...")
-        deadline = time.monotonic() + 120
-        while b"worker_started" not in (run / "daemon.log").read_bytes():
-            if time.monotonic() > deadline or daemon.poll() is not None:
-                raise RuntimeError("the daemon's worker did not start; see daemon.log")
-            time.sleep(0.2)
+        wait_for_worker(run / "daemon.log", daemon)
         started = time.monotonic()
         for i, (study_uid, path) in enumerate(study_of.items()):
             subprocess.run([STORESCU, "-aec", "OPACITYD", "127.0.0.1", str(port), str(path)],
                            env=DCMTK_ENV, check=True, capture_output=True)
             released[study_uid] = time.monotonic()
-            _collect(pacs_dir, arrived, seen)
+            collect_srs(pacs_dir, arrived, seen)
             if (i + 1) % 20 == 0:
                 _progress(f"pushed {i + 1}/{len(study_of)}, SRs at the PACS: {len(arrived)}")
         deadline = time.monotonic() + 600
         while len(arrived) < len(study_of) and time.monotonic() < deadline:
-            _collect(pacs_dir, arrived, seen)
+            collect_srs(pacs_dir, arrived, seen)
             time.sleep(0.05)
         finished = time.monotonic()
     finally:
@@ -128,7 +123,18 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if len(arrived) == len(study_of) else 1
 
 
-def _collect(folder: Path, arrived: dict[str, float], seen: set[str]) -> None:
+def wait_for_worker(log: Path, daemon: subprocess.Popen[bytes], timeout: float = 180) -> None:
+    """Until `serve`'s worker has loaded the model (its `worker_started` event in ``log``)."""
+    _progress("waiting for the daemon and its worker (model load) ...")
+    deadline = time.monotonic() + timeout
+    while b"worker_started" not in log.read_bytes():
+        if time.monotonic() > deadline or daemon.poll() is not None:
+            raise RuntimeError(f"the daemon's worker did not start; see {log}")
+        time.sleep(0.2)
+
+
+def collect_srs(folder: Path, arrived: dict[str, float], seen: set[str]) -> None:
+    """Note the arrival time of each new SR file at the PACS, by Study Instance UID."""
     for path in folder.glob("SR*"):
         if path.name in seen:
             continue

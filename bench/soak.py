@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 import pydicom
 
-from bench.e2e import _collect
-from tests.conftest import DCMTK_ENV, OPACITYD, STORESCP, STORESCU, free_port, write_config
+from bench.e2e import collect_srs, wait_for_worker
+from tests.conftest import DCMTK_ENV, OPACITYD, STORESCU, Pacs, free_port, write_config
 from tests.factories import make_dx
 
 
@@ -54,22 +54,6 @@ def _children(pid: int) -> list[int]:
         except OSError:
             continue
     return found
-
-
-class Pacs:
-    def __init__(self, folder: Path, port: int) -> None:
-        self.folder, self.port = folder, port
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.peak_rss = 0.0
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen([STORESCP, "-aet", "PACS", "-od", str(self.folder), str(self.port)],
-                                     env=DCMTK_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(timeout=30)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -143,12 +127,7 @@ def main(argv: list[str] | None = None) -> int:
             peak["pacs"] = max(peak["pacs"], _rss_mb(pacs.proc.pid))
 
     try:
-        _progress("waiting for the daemon and its worker (model load) ...")
-        deadline = time.monotonic() + 180
-        while b"worker_started" not in (run / "daemon.log").read_bytes():
-            if time.monotonic() > deadline or daemon.poll() is not None:
-                raise RuntimeError("the daemon's worker did not start; see daemon.log")
-            time.sleep(0.2)
+        wait_for_worker(run / "daemon.log", daemon)
         started = time.monotonic()
         end = started + args.minutes * 60
         period = 2 / args.rate
@@ -165,12 +144,12 @@ def main(argv: list[str] | None = None) -> int:
                 outages.append((now, now + args.outage_for))
                 while time.monotonic() < now + args.outage_for:
                     sample()
-                    _collect(pacs_dir, arrived, seen)
+                    collect_srs(pacs_dir, arrived, seen)
                     time.sleep(0.5)
                 pacs.start()
                 next_outage += args.outage_every
             sample()
-            _collect(pacs_dir, arrived, seen)
+            collect_srs(pacs_dir, arrived, seen)
             if now - last_report >= 30:
                 last_report = now
                 with lock:
@@ -182,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         _progress("senders finished; draining (up to 10 min) ...")
         while len(arrived) < len(released) and time.monotonic() < sending_done + 600:
             sample()
-            _collect(pacs_dir, arrived, seen)
+            collect_srs(pacs_dir, arrived, seen)
             time.sleep(0.5)
     finally:
         stop.set()

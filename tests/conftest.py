@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -94,6 +95,48 @@ def _split_receiver(extra: str) -> tuple[str, str]:
         if line.strip().startswith("["):
             return "\n".join(lines[:i]), "\n".join(lines[i:])
     return "\n".join(lines), ""
+
+
+@contextmanager
+def mounted_tmpfs(mount: Path, size: str) -> Iterator[Path]:
+    """A small tmpfs at ``mount`` (a full disk on demand); skips the test where mounting is not
+    allowed (needs root or CAP_SYS_ADMIN)."""
+    mount.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root or CAP_SYS_ADMIN): {proc.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+class Pacs:
+    """DCMTK storescp as a minimal PACS; can be stopped and started again."""
+
+    def __init__(self, folder: Path, port: int) -> None:
+        require(STORESCP)
+        self.folder, self.port = folder, port
+        folder.mkdir(parents=True, exist_ok=True)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Pacs:
+        self.proc = subprocess.Popen([STORESCP, "-aet", "PACS", "-od", str(self.folder), str(self.port)],
+                                     env=DCMTK_ENV, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+        wait_until(lambda: subprocess.run([ECHOSCU, "-aec", "PACS", "127.0.0.1", str(self.port)],
+                                          env=DCMTK_ENV, capture_output=True).returncode == 0,
+                   what="storescp to listen")
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(timeout=30)
+
+    def srs(self) -> list[Path]:
+        return sorted(self.folder.glob("SR*"))
 
 
 @pytest.fixture(scope="session")

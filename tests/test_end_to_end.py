@@ -19,8 +19,7 @@ from db.engine import create_db_engine, make_session_factory, unit_of_work
 from db.models import AuditEvent, Delivery, Job, Result
 from db.states import AuditAction, DeliveryState, JobState
 from tests.conftest import (
-    DCMTK_ENV,
-    STORESCP,
+    Pacs,
     free_port,
     require,
     storescu,
@@ -30,34 +29,6 @@ from tests.conftest import (
 from tests.daemon_process import DaemonProcess, start_daemon
 
 FUJI = "fodicom_CR-MONO1-10-chest.dcm"
-
-
-class Pacs:
-    """DCMTK storescp as a minimal PACS; can be stopped and started again."""
-
-    def __init__(self, folder: Path, port: int) -> None:
-        require(STORESCP)
-        self.folder, self.port = folder, port
-        folder.mkdir(parents=True, exist_ok=True)
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> Pacs:
-        self.proc = subprocess.Popen([STORESCP, "-aet", "PACS", "-od", str(self.folder), str(self.port)],
-                                     env=DCMTK_ENV, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL)
-        wait_until(lambda: subprocess.run(["/usr/bin/echoscu", "-aec", "PACS", "127.0.0.1",
-                                           str(self.port)], env=DCMTK_ENV,
-                                          capture_output=True).returncode == 0,
-                   what="storescp to listen")
-        return self
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            self.proc.wait(timeout=30)
-
-    def srs(self) -> list[Path]:
-        return sorted(self.folder.glob("SR*"))
 
 
 @pytest.fixture

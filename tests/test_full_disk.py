@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,22 +11,14 @@ from pynetdicom import AE
 from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation
 
 from db.models import Instance
-from tests.conftest import running_receiver
+from tests.conftest import mounted_tmpfs, running_receiver
 from tests.factories import make_dx
 
 
 @pytest.fixture
 def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
-    mount = tmp_path / "state" / "spool"
-    mount.mkdir(parents=True)
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)],
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root or CAP_SYS_ADMIN): {proc.stderr.strip()}")
-    try:
+    with mounted_tmpfs(tmp_path / "state" / "spool", "4m") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def test_full_disk_answers_0xA700_leaves_nothing_and_recovers(tmp_path: Path,

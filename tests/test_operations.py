@@ -30,6 +30,7 @@ from tests.conftest import (
     Harness,
     echoscu,
     free_port,
+    mounted_tmpfs,
     running_receiver,
     storescu,
     wait_until,
@@ -254,16 +255,8 @@ def test_serve_tells_systemd_ready_watchdog_and_stopping(tmp_path: Path, demo_bu
 
 @pytest.fixture
 def spool_tmpfs(tmp_path: Path) -> Iterator[Path]:
-    mount = tmp_path / "d" / "state" / "spool"
-    mount.mkdir(parents=True)
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(mount)],
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root or CAP_SYS_ADMIN): {proc.stderr.strip()}")
-    try:
+    with mounted_tmpfs(tmp_path / "d" / "state" / "spool", "48m") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def test_disk_watermark_refuses_with_0xA700_and_recovers_by_itself(

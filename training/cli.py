@@ -25,16 +25,13 @@ def _parser() -> argparse.ArgumentParser:
         command = sub.add_parser(name, help=text)
         command.add_argument("--run", type=Path, required=True)
     export = sub.add_parser("export", help="write a model bundle the daemon serves")
-    export.add_argument("--run", type=Path, required=True)
-    export.add_argument("--bundle", type=Path, required=True)
-    export.add_argument("--name", default="opacity-xception")
-    export.add_argument("--version", required=True)
     everything = sub.add_parser("all", help="prepare, fit, evaluate and export in one go")
     everything.add_argument("--config", type=Path)
-    everything.add_argument("--run", type=Path, required=True)
-    everything.add_argument("--bundle", type=Path, required=True)
-    everything.add_argument("--name", default="opacity-xception")
-    everything.add_argument("--version", required=True)
+    for command in (export, everything):
+        command.add_argument("--run", type=Path, required=True)
+        command.add_argument("--bundle", type=Path, required=True)
+        command.add_argument("--name", default="opacity-xception")
+        command.add_argument("--version", required=True)
     return parser
 
 

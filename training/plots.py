@@ -11,9 +11,11 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from sklearn.metrics import roc_auc_score, roc_curve  # noqa: E402
+from sklearn.metrics import roc_curve  # noqa: E402
 
 from model.network import CLASS_NAMES  # noqa: E402
+from training.metrics import auc  # noqa: E402
+from training.run import RunPaths  # noqa: E402
 
 
 def _history(path: Path) -> list[dict[str, float]]:
@@ -54,10 +56,10 @@ def training_curves(histories: dict[int, Path], output: Path) -> None:
 def roc(curves: dict[str, tuple[np.ndarray, np.ndarray]], output: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(5, 5))
     for name, (y, p) in curves.items():
-        if len(np.unique(y)) < 2:
+        if auc(y, p) is None:
             continue
         fpr, tpr, _ = roc_curve(y, p)
-        ax.plot(fpr, tpr, label=f"{name} (AUC {roc_auc_score(y, p):.3f}, n={len(y)})")
+        ax.plot(fpr, tpr, label=f"{name} (AUC {auc(y, p):.3f}, n={len(y)})")
     ax.plot([0, 1], [0, 1], color="grey", linestyle=":")
     ax.set_xlabel("1 - specificity")
     ax.set_ylabel("sensitivity")
@@ -107,7 +109,7 @@ def error_grid(examples: dict[str, list[tuple[np.ndarray, str]]], output: Path) 
     plt.close(fig)
 
 
-def write_all(paths: Any, metrics: dict[str, Any], curves: dict[str, tuple[np.ndarray, np.ndarray]],
+def write_all(paths: RunPaths, metrics: dict[str, Any], curves: dict[str, tuple[np.ndarray, np.ndarray]],
               errors: dict[str, list[tuple[np.ndarray, str]]]) -> list[Path]:
     out = paths.evaluation
     files = [out / "curves.png", out / "roc.png", out / "confusion.png", out / "errors.png"]

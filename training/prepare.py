@@ -3,7 +3,6 @@ images, split, and write the data manifest, summary and problem report into the 
 
 from __future__ import annotations
 
-import hashlib
 import multiprocessing
 import os
 from collections import Counter
@@ -15,6 +14,7 @@ import numpy as np
 from tqdm import tqdm
 
 from model.errors import PreprocessError
+from model.manifest import sha256_file
 from model.preprocess import PreprocessSpec, preprocess
 from training.config import Config
 from training.records import (
@@ -61,11 +61,7 @@ def scan_sources(config: Config) -> list[SourceScan]:
 
 
 def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return sha256_file(Path(path))
 
 
 def _equalize(job: tuple[str, PreprocessSpec]) -> np.ndarray | str:
