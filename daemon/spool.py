@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from daemon.exceptions import SpoolError, SpoolFullError
+from model.durable import fsync_dir
 
 TEMP_SUFFIX = ".partial"
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
@@ -60,7 +61,7 @@ class Spool:
             finally:
                 os.close(fd)
             os.replace(temp, target)
-            _fsync_dir(target.parent)
+            fsync_dir(target.parent)
         except OSError as e:
             temp.unlink(missing_ok=True)
             if e.errno in _FULL:
@@ -81,7 +82,7 @@ class Spool:
                 path.mkdir()
             except FileExistsError:
                 continue
-            _fsync_dir(path.parent)
+            fsync_dir(path.parent)
 
     def remove_temp_files(self) -> int:
         """Delete temporary files left by a crash; returns how many were removed."""
@@ -98,10 +99,3 @@ class Spool:
         st = os.statvfs(self.root)
         return st.f_bavail * st.f_frsize
 
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -8,14 +8,13 @@ class count, and names what is wrong when any of them fails.
 from __future__ import annotations
 
 import dataclasses
-import os
-import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import keras
 
+from model.durable import save_model_durably
 from model.errors import BundleError
 from model.manifest import WEIGHTS, Manifest, Thresholds, read_manifest, sha256_file, write_manifest
 from model.network import CLASS_NAMES, POSITIVE_CLASS, build_xception
@@ -32,12 +31,7 @@ def save_bundle(model: keras.Model, bundle: Path, *, name: str, version: str,
     bundle.mkdir(parents=True, exist_ok=True)
     if (bundle / WEIGHTS).exists():
         raise BundleError(f"{bundle} already holds a bundle; choose a new directory")
-    # Keras writes the zip in place; write to a temporary name so a crash leaves no half bundle.
-    fd, temp = tempfile.mkstemp(dir=bundle, suffix=".keras")
-    os.close(fd)
-    model.save(temp)
-    os.chmod(temp, 0o644)  # mkstemp makes it 0600; the service user must be able to read it
-    os.replace(temp, bundle / WEIGHTS)
+    save_model_durably(model, bundle / WEIGHTS)  # a crash leaves no half bundle
     manifest = Manifest(
         name=name, version=version, created=datetime.now(UTC).isoformat(timespec="seconds"),
         keras_version=keras.__version__, backend=keras.backend.backend(), preprocessing=spec,

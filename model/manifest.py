@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from model.durable import write_text_durably
 from model.errors import BundleError
 from model.preprocess import PreprocessSpec
 
@@ -144,4 +145,4 @@ def read_manifest(bundle: Path, verify_checksum: bool = True) -> Manifest:
 
 
 def write_manifest(bundle: Path, manifest: Manifest) -> None:
-    (bundle / MANIFEST).write_text(json.dumps(manifest.to_json(), indent=2, sort_keys=True) + "\n")
+    write_text_durably(bundle / MANIFEST, json.dumps(manifest.to_json(), indent=2, sort_keys=True) + "\n")

@@ -2,13 +2,12 @@
 
 Phase 1: merged data, Xception base frozen, Nadam 1e-3. Phase 2: from phase 1's best
 weights, competition data only, whole network trainable, Nadam 0.01. Each phase writes
-best.keras, history.csv and, when finished, DONE; an interrupted phase resumes from its
-last completed epoch (keras BackupAndRestore).
+best.keras, history.csv and, when finished, DONE; a killed phase resumes after its last
+committed epoch (training.resume).
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import shutil
@@ -20,12 +19,14 @@ from typing import Any
 import keras
 import numpy as np
 
+from model.durable import save_model_durably, write_text_durably
 from model.network import build_xception
 from training.augment import build_augmenter
 from training.config import Config, PhaseConfig
 from training.dataset import Batches, Row, inputs, load_rows, open_cache, select
 from training.metrics import auc
 from training.records import Split
+from training.resume import BACKUP, EpochCommit, load_state, restore
 from training.run import RunPaths
 
 HEAD_LAYERS = ("gap", "bn", "probabilities")
@@ -33,13 +34,11 @@ HEAD_LAYERS = ("gap", "bn", "probabilities")
 
 class ValidationMetrics(keras.callbacks.Callback):  # type: ignore[misc]
     """val_loss, val_accuracy and val_auc (positive class) on the validation split, added to
-    the epoch logs before the checkpoint and early stopping read them; one line per epoch."""
+    the epoch logs before EpochCommit and early stopping read them."""
 
-    def __init__(self, cache: np.ndarray, rows: list[Row], batch_size: int, phase: int,
-                 log_file: Path) -> None:
+    def __init__(self, cache: np.ndarray, rows: list[Row], batch_size: int) -> None:
         super().__init__()
-        self.cache, self.rows, self.batch_size, self.phase = cache, rows, batch_size, phase
-        self.log_file = log_file
+        self.cache, self.rows, self.batch_size = cache, rows, batch_size
         self.y = np.array([r.target for r in rows])
         self.started = time.perf_counter()
         self.train_seconds: list[float] = []
@@ -56,12 +55,6 @@ class ValidationMetrics(keras.callbacks.Callback):  # type: ignore[misc]
         logs["val_loss"] = float(-np.mean(self.y * np.log(p) + (1 - self.y) * np.log(1 - p)))
         logs["val_accuracy"] = float(np.mean((probs >= 0.5) == self.y))
         logs["val_auc"] = auc(self.y, probs) or 0.5
-        shown = " ".join(f"{k}={v:.4f}" for k, v in sorted(logs.items()) if isinstance(v, float))
-        line = (f"phase {self.phase} epoch {epoch + 1}: {shown} "
-                f"seconds={time.perf_counter() - self.started:.0f}")
-        print(line, flush=True)
-        with self.log_file.open("a") as fh:
-            fh.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {line}\n")
 
 
 def predict_probabilities(model: keras.Model, cache: np.ndarray, rows: list[Row],
@@ -84,14 +77,6 @@ def _class_weights(rows: list[Row]) -> dict[int, float]:
     return {i: float(len(rows) / (2 * max(1, c))) for i, c in enumerate(counts)}
 
 
-def _best_so_far(history: Path) -> float | None:
-    if not history.is_file():
-        return None
-    with history.open(newline="") as fh:
-        values = [float(r["val_auc"]) for r in csv.DictReader(fh) if r.get("val_auc")]
-    return max(values) if values else None
-
-
 @dataclass(frozen=True)
 class PhaseResult:
     number: int
@@ -110,34 +95,37 @@ def run_phase(number: int, model: keras.Model, phase: PhaseConfig, config: Confi
     augmenter = build_augmenter(config.augment, config.train.seed + number)
     batches = Batches(cache, train, config.train.batch_size, augmenter,
                       seed=config.train.seed + number, max_batches=config.train.steps_per_epoch)
-    best = _best_so_far(paths.history(number))
-    validation = ValidationMetrics(cache, valid, config.train.batch_size, number, paths.root / "fit.log")
-    callbacks: list[keras.callbacks.Callback] = [
-        validation,
-        keras.callbacks.ModelCheckpoint(paths.checkpoint(number), monitor="val_auc", mode="max",
-                                        save_best_only=True, initial_value_threshold=best),
-        keras.callbacks.CSVLogger(str(paths.history(number)), append=True),
-        keras.callbacks.BackupAndRestore(str(folder / "backup")),
-    ]
+    checkpoint, history_csv = paths.checkpoint(number), paths.history(number)
+    log_file = paths.root / "fit.log"
+    state = load_state(folder, checkpoint, history_csv)
+    restore(model, folder, state)
+    validation = ValidationMetrics(cache, valid, config.train.batch_size)
+    commit = EpochCommit(number, folder, checkpoint, history_csv, log_file, state)
+    callbacks: list[keras.callbacks.Callback] = [validation, commit]
     if config.train.early_stopping_patience:
         callbacks.append(keras.callbacks.EarlyStopping(
             monitor="val_auc", mode="max", patience=config.train.early_stopping_patience))
-    print(f"phase {number}: {len(train)} training / {len(valid)} validation images, "
-          f"{len(batches)} batches of {config.train.batch_size}, lr {phase.learning_rate}, "
-          f"base {'trainable' if phase.train_base else 'frozen'}", flush=True)
-    history = model.fit(batches, epochs=phase.epochs, callbacks=callbacks, verbose=1,
+    resumed = f", resumed after epoch {state.epochs_done}" if state.epochs_done else ""
+    line = (f"phase {number}: {len(train)} training / {len(valid)} validation images, "
+            f"{len(batches)} batches of {config.train.batch_size}, lr {phase.learning_rate}, "
+            f"base {'trainable' if phase.train_base else 'frozen'}{resumed}")
+    print(line, flush=True)
+    with log_file.open("a") as fh:
+        fh.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {line}\n")
+    history = model.fit(batches, epochs=phase.epochs, initial_epoch=state.epochs_done,
+                        callbacks=callbacks, verbose=1,
                         class_weight=_class_weights(train) if config.train.class_weights else None)
     epochs_run = len(history.epoch)
     images = min(len(train), len(batches) * config.train.batch_size)
     # The first epoch includes graph compilation; the median of the others is the speed.
     timed = validation.train_seconds[1:] or validation.train_seconds
     seconds = float(np.median(timed)) if timed else 0.0
-    if not paths.checkpoint(number).is_file():  # resumed after the last epoch's checkpoint
-        model.save(paths.checkpoint(number))
-    result = PhaseResult(number, epochs_run, _best_so_far(paths.history(number)),
+    if not checkpoint.is_file():  # no epoch had a validation AUC
+        save_model_durably(model, checkpoint)
+    result = PhaseResult(number, epochs_run, commit.state.best_val_auc,
                          round(images / seconds, 2) if seconds and images else math.nan)
-    paths.done(number).write_text(json.dumps(result.__dict__) + "\n")
-    shutil.rmtree(folder / "backup", ignore_errors=True)
+    write_text_durably(paths.done(number), json.dumps(result.__dict__) + "\n")
+    shutil.rmtree(folder / BACKUP, ignore_errors=True)
     return result
 
 
