@@ -236,6 +236,32 @@ def test_training_code_uses_no_tensorflow_api() -> None:
         assert "ImageDataGenerator(" not in text and "keras.preprocessing.image" not in text, path
 
 
+def test_prepare_killed_midway_can_be_run_again_into_the_same_folder(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import time
+
+    data = make_tiny_data(tmp_path)
+    config = write_training_config(tmp_path / "t.toml", data)
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "training", "prepare", "--config", str(config),
+                             "--run", str(run)], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not (run / "data" / "equalized.npy").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "prepare never wrote its cache"
+            time.sleep(0.002)
+    finally:
+        proc.kill()
+        proc.wait()
+    if (run / "config.toml").exists():
+        pytest.skip("the machine was too fast: prepare finished before the kill")
+    assert train_main(["fit", "--run", str(run)]) == EXIT_USAGE
+    assert "is not a prepared run" in capsys.readouterr().err
+    assert train_main(["prepare", "--config", str(config), "--run", str(run)]) == 0
+    assert (run / "config.toml").is_file() and (run / "data" / "manifest.csv").is_file()
+
+
 def _committed_epochs(state: Path) -> int:
     try:
         return int(json.loads(state.read_text())["epochs_done"])

@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from model.durable import write_text_durably
 from model.errors import BundleError, WeightsUnavailable
 from training.config import ConfigError, load_config
 from training.records import LayoutError
@@ -42,12 +43,10 @@ def _prepare(config_path: Path | None, paths: RunPaths) -> None:
     if paths.config.exists():
         raise ConfigError(f"{paths.root} already holds a run; choose a new --run folder")
     paths.root.mkdir(parents=True, exist_ok=True)
-    paths.config.write_text(config.text)
-    try:
-        prepared = prepare(config, paths)
-    except Exception:
-        paths.config.unlink()  # not a prepared run; the problem report (if any) stays for reading
-        raise
+    prepared = prepare(config, paths)
+    # Written last and durably: a run folder with config.toml is a finished prepare, and a
+    # prepare killed before it can be run again into the same folder.
+    write_text_durably(paths.config, config.text)
     print(paths.summary.read_text(), end="")
     print(f"{len(prepared.problems)} problems listed in {paths.problems}")
     for note in prepared.notes:

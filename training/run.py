@@ -73,5 +73,5 @@ class RunPaths:
 def run_config(paths: RunPaths) -> Config:
     if not paths.config.is_file():
         raise ConfigError(f"{paths.root} is not a prepared run (no {paths.config.name}); "
-                          "run `python -m training prepare` first")
+                          "run `python -m training prepare` (again, if it was interrupted) first")
     return load_config(paths.config)
