@@ -262,6 +262,15 @@ def test_prepare_killed_midway_can_be_run_again_into_the_same_folder(
     assert (run / "config.toml").is_file() and (run / "data" / "manifest.csv").is_file()
 
 
+def test_early_stopping_counts_epochs_from_before_a_resume() -> None:
+    from training.resume import PhaseState
+
+    state = PhaseState(history=[{"epoch": i, "val_auc": v} for i, v in enumerate([0.5, 0.7, 0.6, 0.7])])
+    assert state.epochs_without_improvement() == 2  # a tie is no improvement (as Keras's min_delta 0)
+    assert state.should_stop(2) and not state.should_stop(3) and not state.should_stop(0)
+    assert not PhaseState().should_stop(1)
+
+
 def _committed_epochs(state: Path) -> int:
     try:
         return int(json.loads(state.read_text())["epochs_done"])

@@ -26,7 +26,7 @@ from training.config import Config, PhaseConfig
 from training.dataset import Batches, Row, inputs, load_rows, open_cache, select
 from training.metrics import auc
 from training.records import Split
-from training.resume import BACKUP, EpochCommit, load_state, restore
+from training.resume import BACKUP, EpochCommit, load_state, log_line, restore
 from training.run import RunPaths
 
 HEAD_LAYERS = ("gap", "bn", "probabilities")
@@ -100,22 +100,17 @@ def run_phase(number: int, model: keras.Model, phase: PhaseConfig, config: Confi
     state = load_state(folder, checkpoint, history_csv)
     restore(model, folder, state)
     validation = ValidationMetrics(cache, valid, config.train.batch_size)
-    commit = EpochCommit(number, folder, checkpoint, history_csv, log_file, state)
-    callbacks: list[keras.callbacks.Callback] = [validation, commit]
-    if config.train.early_stopping_patience:
-        callbacks.append(keras.callbacks.EarlyStopping(
-            monitor="val_auc", mode="max", patience=config.train.early_stopping_patience))
+    patience = config.train.early_stopping_patience
+    commit = EpochCommit(number, folder, checkpoint, history_csv, log_file, state, patience)
     resumed = f", resumed after epoch {state.epochs_done}" if state.epochs_done else ""
-    line = (f"phase {number}: {len(train)} training / {len(valid)} validation images, "
-            f"{len(batches)} batches of {config.train.batch_size}, lr {phase.learning_rate}, "
-            f"base {'trainable' if phase.train_base else 'frozen'}{resumed}")
-    print(line, flush=True)
-    with log_file.open("a") as fh:
-        fh.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {line}\n")
-    history = model.fit(batches, epochs=phase.epochs, initial_epoch=state.epochs_done,
-                        callbacks=callbacks, verbose=1,
-                        class_weight=_class_weights(train) if config.train.class_weights else None)
-    epochs_run = len(history.epoch)
+    log_line(log_file, f"phase {number}: {len(train)} training / {len(valid)} validation images, "
+                       f"{len(batches)} batches of {config.train.batch_size}, lr {phase.learning_rate}, "
+                       f"base {'trainable' if phase.train_base else 'frozen'}{resumed}")
+    if not state.should_stop(patience):  # else it had stopped early just before a kill
+        model.fit(batches, epochs=phase.epochs, initial_epoch=state.epochs_done,
+                  callbacks=[validation, commit], verbose=1,
+                  class_weight=_class_weights(train) if config.train.class_weights else None)
+    epochs_run = commit.state.epochs_done
     images = min(len(train), len(batches) * config.train.batch_size)
     # The first epoch includes graph compilation; the median of the others is the speed.
     timed = validation.train_seconds[1:] or validation.train_seconds

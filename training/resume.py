@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -48,6 +49,17 @@ class PhaseState:
     best_candidate: str | None = None
     """A best model committed but perhaps not yet renamed to best.keras."""
     history: list[dict[str, float]] = field(default_factory=list)
+
+    def epochs_without_improvement(self) -> int:
+        """Epochs since the best val_auc (Keras EarlyStopping's ``wait``, min_delta 0)."""
+        scores = [row.get("val_auc", -math.inf) for row in self.history]
+        if not scores:
+            return 0
+        best = max(range(len(scores)), key=lambda i: (scores[i], -i))  # the first best epoch
+        return len(scores) - 1 - best
+
+    def should_stop(self, patience: int) -> bool:
+        return patience > 0 and self.epochs_without_improvement() >= patience
 
 
 class ResumeError(Exception):
@@ -112,13 +124,15 @@ def restore(model: keras.Model, folder: Path, state: PhaseState) -> None:
 
 
 class EpochCommit(keras.callbacks.Callback):  # type: ignore[misc]
-    """Commits each finished epoch (module docstring); reads val_auc from the epoch logs."""
+    """Commits each finished epoch (module docstring); reads val_auc from the epoch logs and
+    stops training after ``patience`` epochs without a better one (0: never), counting epochs
+    from before a resume too."""
 
     def __init__(self, number: int, folder: Path, checkpoint: Path, history: Path, log_file: Path,
-                 state: PhaseState) -> None:
+                 state: PhaseState, patience: int) -> None:
         super().__init__()
         self.number, self.folder, self.checkpoint = number, folder, checkpoint
-        self.history, self.log_file, self.state = history, log_file, state
+        self.history, self.log_file, self.state, self.patience = history, log_file, state, patience
         self.started = time.perf_counter()
 
     def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
@@ -143,6 +157,15 @@ class EpochCommit(keras.callbacks.Callback):  # type: ignore[misc]
         shown = " ".join(f"{k}={v:.4f}" for k, v in sorted(row.items()) if k != "epoch")
         line = (f"phase {self.number} epoch {epoch + 1}: {shown} "
                 f"seconds={time.perf_counter() - self.started:.0f}{' best' if candidate else ''}")
-        print(line, flush=True)
-        with self.log_file.open("a") as fh:
-            fh.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {line}\n")
+        log_line(self.log_file, line)
+        if self.state.should_stop(self.patience):
+            log_line(self.log_file, f"phase {self.number}: early stop, no better val_auc in "
+                                    f"{self.patience} epochs")
+            self.model.stop_training = True
+
+
+def log_line(log_file: Path, line: str) -> None:
+    """Print ``line`` and append it, timestamped, to the run's fit.log."""
+    print(line, flush=True)
+    with log_file.open("a") as fh:
+        fh.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {line}\n")
