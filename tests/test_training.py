@@ -271,6 +271,20 @@ def test_early_stopping_counts_epochs_from_before_a_resume() -> None:
     assert not PhaseState().should_stop(1)
 
 
+def test_an_unusable_phase_state_says_how_to_go_on(tmp_path: Path) -> None:
+    from training.resume import load_state
+    from training.run import ResumeError
+
+    phase = tmp_path / "phase1"
+    phase.mkdir()
+    (phase / "state.json").write_text('{"epochs_done": 2, "weights": "backup/epoch-0002.weights.h5"}')
+    with pytest.raises(ResumeError, match=r"epoch-0002.weights.h5, which is missing; delete .*phase1"):
+        load_state(phase, phase / "best.keras", phase / "history.csv")
+    (phase / "state.json").write_text("{not json")
+    with pytest.raises(ResumeError, match="is not a phase state"):
+        load_state(phase, phase / "best.keras", phase / "history.csv")
+
+
 def _committed_epochs(state: Path) -> int:
     try:
         return int(json.loads(state.read_text())["epochs_done"])

@@ -10,7 +10,7 @@ from model.durable import write_text_durably
 from model.errors import BundleError, WeightsUnavailable
 from training.config import ConfigError, load_config
 from training.records import LayoutError
-from training.run import RunPaths, run_config
+from training.run import ResumeError, RunPaths, run_config
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, LayoutError) as e:
         print(f"opacityd-train: {e}", file=sys.stderr)
         return EXIT_USAGE
-    except (FileNotFoundError, ValueError, WeightsUnavailable, BundleError) as e:
+    except (FileNotFoundError, ValueError, WeightsUnavailable, BundleError, ResumeError) as e:
         print(f"opacityd-train: {e}", file=sys.stderr)
         return EXIT_ERROR
     return EXIT_OK

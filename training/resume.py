@@ -35,6 +35,7 @@ from model.durable import (
     save_weights_durably,
     write_text_durably,
 )
+from training.run import ResumeError
 
 STATE = "state.json"
 BACKUP = "backup"
@@ -60,10 +61,6 @@ class PhaseState:
 
     def should_stop(self, patience: int) -> bool:
         return patience > 0 and self.epochs_without_improvement() >= patience
-
-
-class ResumeError(Exception):
-    """A phase's saved state cannot be used; the message says what to do."""
 
 
 def _history_text(rows: list[dict[str, float]]) -> str:
