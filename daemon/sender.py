@@ -1,9 +1,11 @@
 """Deliver SRs to the configured destinations with C-STORE, retrying with backoff.
 
-Runs as a scheduler job in `opacityd serve`. Three ways a PACS can let us down
-are recorded as three different reasons: ``association_rejected`` (it
-answered A-ASSOCIATE-RJ), ``unreachable`` (no answer, refused connection,
-abort), and ``failure_status`` (it answered the C-STORE with a failure).
+Runs as a scheduler job in `opacityd serve`. Four ways a PACS can let us down
+are recorded as four different reasons: ``association_rejected`` (it
+answered A-ASSOCIATE-RJ), ``tls_failed`` (the TLS handshake failed; the detail
+is OpenSSL's reason, e.g. an unverifiable certificate), ``unreachable`` (no
+answer, refused connection, abort), and ``failure_status`` (it answered the
+C-STORE with a failure).
 After ``delivery.max_attempts`` a delivery becomes FAILED and an alert-level
 event is logged. The SR's SOP Instance UID is deterministic, so a re-send
 after a crash is the same object and the PACS de-duplicates it.
@@ -12,6 +14,7 @@ after a crash is the same object and the PACS de-duplicates it.
 from __future__ import annotations
 
 import random
+import socket
 import ssl
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -50,16 +53,51 @@ def _tls(dest: DestinationConfig) -> tuple[ssl.SSLContext, str] | None:
     return ctx, dest.host
 
 
+def _tls_problem(dest: DestinationConfig, ctx: ssl.SSLContext, timeout: float) -> str | None:
+    """Why a TLS connection to ``dest`` fails, or None when TLS itself works.
+
+    pynetdicom logs a failed handshake and reports only "not established"; an operator needs
+    OpenSSL's reason (unknown CA, host name mismatch, client certificate required, a plain
+    port). So after a failed TLS association one bare handshake finds it. With TLS 1.3 a
+    refused client certificate arrives as an alert after the handshake: read briefly for it.
+    """
+    where = f"TLS handshake with {dest.host}:{dest.port} failed"
+    try:
+        raw = socket.create_connection((dest.host, dest.port), timeout=timeout)
+    except OSError:
+        return None  # not a TLS problem (refused, unreachable): reported as unreachable
+    try:
+        with ctx.wrap_socket(raw, server_hostname=dest.host) as tls:
+            tls.settimeout(min(timeout, 1.0))
+            if tls.recv(1) == b"":
+                return f"{where}: the destination closed the connection after the handshake"
+    except TimeoutError:
+        return None  # it waits for our A-ASSOCIATE-RQ: TLS is fine
+    except ssl.SSLCertVerificationError as e:
+        return f"{where}: {e.reason} ({e.verify_message})"
+    except ssl.SSLError as e:
+        return f"{where}: {e.reason or e}"
+    except OSError as e:
+        return f"{where}: {e.strerror or type(e).__name__} (is {dest.port} a TLS port?)"
+    finally:
+        raw.close()
+    return None
+
+
 def send_one(dest: DestinationConfig, sr: pydicom.Dataset, timeout: float) -> Outcome:
     """One C-STORE of ``sr`` to ``dest``; never raises for network trouble."""
     ae = AE(ae_title=dest.calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     ae.connection_timeout = timeout
     ae.add_requested_context(COMPREHENSIVE_SR, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
-    assoc = ae.associate(dest.host, dest.port, ae_title=dest.called_ae, tls_args=_tls(dest))
+    tls = _tls(dest)
+    assoc = ae.associate(dest.host, dest.port, ae_title=dest.called_ae, tls_args=tls)
     if assoc.is_rejected:
         return Outcome(False, "association_rejected", "the destination rejected the association")
     if not assoc.is_established:
+        problem = _tls_problem(dest, tls[0], timeout) if tls else None
+        if problem:
+            return Outcome(False, "tls_failed", problem)
         return Outcome(False, "unreachable", f"no association with {dest.host}:{dest.port}")
     try:
         status = assoc.send_c_store(sr)

@@ -115,17 +115,20 @@ def mounted_tmpfs(mount: Path, size: str) -> Iterator[Path]:
 class Pacs:
     """DCMTK storescp as a minimal PACS; can be stopped and started again."""
 
-    def __init__(self, folder: Path, port: int) -> None:
+    def __init__(self, folder: Path, port: int, tls: tuple[list[str], list[str]] = ([], [])) -> None:
+        """``tls``: DCMTK TLS options for storescp and for the echoscu that waits for it."""
         require(STORESCP)
-        self.folder, self.port = folder, port
+        self.folder, self.port, self.tls = folder, port, tls
         folder.mkdir(parents=True, exist_ok=True)
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Pacs:
-        self.proc = subprocess.Popen([STORESCP, "-aet", "PACS", "-od", str(self.folder), str(self.port)],
+        self.proc = subprocess.Popen([STORESCP, "-aet", "PACS", *self.tls[0], "-od", str(self.folder),
+                                      str(self.port)],
                                      env=DCMTK_ENV, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL)
-        wait_until(lambda: subprocess.run([ECHOSCU, "-aec", "PACS", "127.0.0.1", str(self.port)],
+        wait_until(lambda: subprocess.run([ECHOSCU, *self.tls[1], "-aec", "PACS", "127.0.0.1",
+                                           str(self.port)],
                                           env=DCMTK_ENV, capture_output=True).returncode == 0,
                    what="storescp to listen")
         return self

@@ -1,12 +1,15 @@
-"""TLS on the receiver, with a CA and certificates made by the test."""
+"""TLS on the receiver and towards destinations, with a CA and certificates made by the test;
+DCMTK's storescu and storescp (Debian's build, with OpenSSL) as the peers on the other side."""
 
 from __future__ import annotations
 
 import datetime as dt
 import ipaddress
 import ssl
+import subprocess
 from pathlib import Path
 
+import pydicom
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -15,7 +18,11 @@ from cryptography.x509.oid import NameOID
 from pynetdicom import AE
 from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation, Verification
 
-from tests.conftest import running_receiver
+from daemon.config import DestinationConfig, TLSConfig
+from daemon.report import ImageOutcome, build_sr
+from daemon.sender import send_one
+from model.manifest import read_manifest
+from tests.conftest import DCMTK_ENV, Pacs, free_port, require, running_receiver
 from tests.factories import make_dx
 
 
@@ -127,3 +134,62 @@ def test_tls_without_client_certificates_accepts_anonymous_tls_clients(tmp_path:
         assoc = _associate(h.port, _client_context(pki, None))
         assert assoc.is_established
         assoc.release()
+
+
+def test_dcmtk_storescu_over_tls_stores_into_the_receiver(tmp_path: Path, pki: Path) -> None:
+    require("/usr/bin/storescu")
+    path = tmp_path / "image.dcm"
+    make_dx().save_as(path, enforce_file_format=True)
+    with running_receiver(tmp_path, _tls_config(pki, True)) as h:
+        tls = ["+tls", str(pki / "client.key"), str(pki / "client.crt"), "+cf", str(pki / "ca.crt")]
+        proc = subprocess.run(["/usr/bin/storescu", *tls, "-aec", "OPACITYD", "127.0.0.1", str(h.port),
+                               str(path)], env=DCMTK_ENV, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        assert len(list(h.spool.root.rglob("*.dcm"))) == 1
+
+
+def _tls_pacs(tmp_path: Path, pki: Path, server: str) -> Pacs:
+    """DCMTK storescp with TLS, its certificate from ``server``, client certificates required."""
+    scp = ["+tls", str(pki / f"{server}.key"), str(pki / f"{server}.crt"), "+cf", str(pki / "ca.crt"),
+           "-rc"]
+    # storescp with the rogue certificate cannot be reached by a verifying echoscu: -ic.
+    scu = ["+tls", str(pki / "client.key"), str(pki / "client.crt"), "+cf", str(pki / "ca.crt"), "-ic"]
+    return Pacs(tmp_path / f"pacs-{server}", free_port(), (scp, scu)).start()
+
+
+def _destination(port: int, pki: Path, client_certificate: bool) -> DestinationConfig:
+    tls = TLSConfig(enabled=True, ca_certificates=str(pki / "ca.crt"),
+                    certificate=str(pki / "client.crt") if client_certificate else "",
+                    private_key=str(pki / "client.key") if client_certificate else "")
+    return DestinationConfig(name="pacs", host="localhost", port=port, called_ae="PACS", tls=tls)
+
+
+def test_srs_go_to_a_tls_pacs_and_each_tls_failure_is_named(tmp_path: Path, pki: Path,
+                                                            demo_bundle: Path) -> None:
+    image = make_dx()
+    sr = build_sr(image.StudyInstanceUID, [ImageOutcome(image, 0.42)], read_manifest(demo_bundle))
+    pacs = _tls_pacs(tmp_path, pki, "server")
+    try:
+        outcome = send_one(_destination(pacs.port, pki, True), sr, timeout=10)
+        assert outcome.delivered, outcome
+        assert [pydicom.dcmread(p).SOPInstanceUID for p in pacs.srs()] == [sr.SOPInstanceUID]
+        outcome = send_one(_destination(pacs.port, pki, False), sr, timeout=10)
+        assert (outcome.reason, outcome.delivered) == ("tls_failed", False)
+        assert "CERTIFICATE_REQUIRED" in outcome.detail, outcome
+    finally:
+        pacs.stop()
+    rogue = _tls_pacs(tmp_path, pki, "rogue")
+    try:
+        outcome = send_one(_destination(rogue.port, pki, True), sr, timeout=10)
+        assert outcome.reason == "tls_failed" and "CERTIFICATE_VERIFY_FAILED" in outcome.detail, outcome
+        assert rogue.srs() == []
+    finally:
+        rogue.stop()
+    plain = Pacs(tmp_path / "pacs-plain", free_port()).start()
+    try:
+        outcome = send_one(_destination(plain.port, pki, True), sr, timeout=10)
+        assert outcome.reason == "tls_failed" and "a TLS port?" in outcome.detail, outcome
+    finally:
+        plain.stop()
+    # Nothing listening at all is not a TLS problem.
+    assert send_one(_destination(free_port(), pki, True), sr, timeout=5).reason == "unreachable"
