@@ -34,7 +34,7 @@ HEAD_LAYERS = ("gap", "bn", "probabilities")
 
 class ValidationMetrics(keras.callbacks.Callback):  # type: ignore[misc]
     """val_loss, val_accuracy and val_auc (positive class) on the validation split, added to
-    the epoch logs before EpochCommit and early stopping read them."""
+    the epoch logs before EpochCommit (checkpoints, history, early stopping) reads them."""
 
     def __init__(self, cache: np.ndarray, rows: list[Row], batch_size: int) -> None:
         super().__init__()
