@@ -188,7 +188,7 @@ def test_labelled_adapter_uses_the_patient_folds(tmp_path: Path) -> None:
 
 @pytest.mark.timeout(900)
 def test_prepare_fit_evaluate_export_and_the_daemon_predicts_the_same(
-        prepared: tuple[Path, object], tmp_path: Path) -> None:
+        prepared: tuple[Path, object], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     run, _ = prepared
     bundle = tmp_path / "bundle"
     assert train_main(["fit", "--run", str(run)]) == 0
@@ -208,6 +208,11 @@ def test_prepare_fit_evaluate_export_and_the_daemon_predicts_the_same(
         assert (run / "evaluation" / f"{png}.png").stat().st_size > 5000
     report = (run / "evaluation" / "report.md").read_text()
     assert "77.83 %" in report and "![roc](roc.png)" in report and "from scratch" in report
+    assert train_main(["status", "--run", str(run)]) == 0
+    status = capsys.readouterr().out
+    assert "phase 1: done, 1/1 epochs" in status and "phase 2: done, 1/1 epochs" in status, status
+    assert f"evaluated: final test {metrics['test']['images']} images, AUC" in status
+    assert "prepared: 30 images" in status, status
     assert train_main(["export", "--run", str(run), "--bundle", str(bundle), "--version", "0.0.1-test"]) == 0
 
     info = subprocess.run([sys.executable, "-m", "daemon.cli", "model", "info", str(bundle)], cwd=REPO,
@@ -256,6 +261,8 @@ def test_prepare_killed_midway_can_be_run_again_into_the_same_folder(
         proc.wait()
     if (run / "config.toml").exists():
         pytest.skip("the machine was too fast: prepare finished before the kill")
+    assert train_main(["status", "--run", str(run)]) == 0
+    assert "prepare: not finished" in capsys.readouterr().out
     assert train_main(["fit", "--run", str(run)]) == EXIT_USAGE
     assert "is not a prepared run" in capsys.readouterr().err
     assert train_main(["prepare", "--config", str(config), "--run", str(run)]) == 0
@@ -263,7 +270,7 @@ def test_prepare_killed_midway_can_be_run_again_into_the_same_folder(
 
 
 def test_early_stopping_counts_epochs_from_before_a_resume() -> None:
-    from training.resume import PhaseState
+    from training.state import PhaseState
 
     state = PhaseState(history=[{"epoch": i, "val_auc": v} for i, v in enumerate([0.5, 0.7, 0.6, 0.7])])
     assert state.epochs_without_improvement() == 2  # a tie is no improvement (as Keras's min_delta 0)
@@ -273,7 +280,7 @@ def test_early_stopping_counts_epochs_from_before_a_resume() -> None:
 
 def test_an_unusable_phase_state_says_how_to_go_on(tmp_path: Path) -> None:
     from training.resume import load_state
-    from training.run import ResumeError
+    from training.state import ResumeError
 
     phase = tmp_path / "phase1"
     phase.mkdir()
@@ -294,7 +301,8 @@ def _committed_epochs(state: Path) -> int:
 
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("moment", ["while_saving", "after_commit"])
-def test_fit_killed_mid_phase_resumes_where_it_stopped(tmp_path: Path, moment: str) -> None:
+def test_fit_killed_mid_phase_resumes_where_it_stopped(tmp_path: Path, moment: str,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
     """kill -9 while the second epoch's backup is being written (a torn HDF5 file on disk),
     or right after the first epoch committed: the next `fit` resumes after the last
     committed epoch and history.csv holds each epoch once."""
@@ -329,6 +337,11 @@ def test_fit_killed_mid_phase_resumes_where_it_stopped(tmp_path: Path, moment: s
         proc.wait()
     done_before = _committed_epochs(state)
     assert 1 <= done_before < 3 and not (phase / "DONE").exists()
+    status = subprocess.run([sys.executable, "-m", "training", "status", "--run", str(run)], cwd=REPO,
+                            capture_output=True, text=True, timeout=60)
+    assert status.returncode == 0, status.stderr
+    assert f"phase 1: {done_before}/3 epochs committed" in status.stdout, status.stdout
+    assert "phase 2: not configured" in status.stdout and "evaluation: not run" in status.stdout
     if moment == "while_saving":
         assert torn_backup(), "the kill did not land while a backup was being written"
     assert train_main(["fit", "--run", str(run)]) == 0
@@ -341,6 +354,8 @@ def test_fit_killed_mid_phase_resumes_where_it_stopped(tmp_path: Path, moment: s
     assert f"resumed after epoch {done_before}" in log
     for epoch in range(done_before + 1, 4):
         assert f"phase 1 epoch {epoch}:" in log
+    assert train_main(["status", "--run", str(run)]) == 0
+    assert "phase 1: done, 3/3 epochs" in capsys.readouterr().out
 
 
 @pytest.mark.timeout(900)

@@ -1,4 +1,5 @@
-"""`python -m training` (or `opacityd-train`): prepare, fit, evaluate, export, or all four."""
+"""`python -m training` (or `opacityd-train`): prepare, fit, evaluate, export, or all four;
+`status` shows where a run stands."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from model.durable import write_text_durably
 from model.errors import BundleError, WeightsUnavailable
 from training.config import ConfigError, load_config
 from training.records import LayoutError
-from training.run import ResumeError, RunPaths, run_config
+from training.run import RunPaths, run_config
+from training.state import ResumeError
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 
@@ -22,7 +24,8 @@ def _parser() -> argparse.ArgumentParser:
     prepare.add_argument("--config", type=Path, help="training TOML (default: training/default.toml)")
     prepare.add_argument("--run", type=Path, required=True, help="run folder to create")
     for name, text in (("fit", "train phase 1 and phase 2 (resumes an interrupted run)"),
-                       ("evaluate", "metrics, thresholds, plots and report.md on the final test")):
+                       ("evaluate", "metrics, thresholds, plots and report.md on the final test"),
+                       ("status", "where a run stands: prepared, epochs committed, evaluated")):
         command = sub.add_parser(name, help=text)
         command.add_argument("--run", type=Path, required=True)
     export = sub.add_parser("export", help="write a model bundle the daemon serves")
@@ -57,6 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     paths = RunPaths(args.run)
     try:
+        if args.command == "status":
+            from training.status import status_lines
+
+            print("\n".join(status_lines(paths)))
         if args.command in ("prepare", "all"):
             _prepare(args.config, paths)
         if args.command in ("fit", "all"):

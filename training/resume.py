@@ -19,10 +19,7 @@ from __future__ import annotations
 
 import csv
 import io
-import json
-import math
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,32 +32,9 @@ from model.durable import (
     save_weights_durably,
     write_text_durably,
 )
-from training.run import ResumeError
+from training.state import STATE, PhaseState, ResumeError, read_state
 
-STATE = "state.json"
 BACKUP = "backup"
-
-
-@dataclass
-class PhaseState:
-    epochs_done: int = 0
-    weights: str | None = None
-    """The backup after the last committed epoch, relative to the phase folder."""
-    best_val_auc: float | None = None
-    best_candidate: str | None = None
-    """A best model committed but perhaps not yet renamed to best.keras."""
-    history: list[dict[str, float]] = field(default_factory=list)
-
-    def epochs_without_improvement(self) -> int:
-        """Epochs since the best val_auc (Keras EarlyStopping's ``wait``, min_delta 0)."""
-        scores = [row.get("val_auc", -math.inf) for row in self.history]
-        if not scores:
-            return 0
-        best = max(range(len(scores)), key=lambda i: (scores[i], -i))  # the first best epoch
-        return len(scores) - 1 - best
-
-    def should_stop(self, patience: int) -> bool:
-        return patience > 0 and self.epochs_without_improvement() >= patience
 
 
 def _history_text(rows: list[dict[str, float]]) -> str:
@@ -91,18 +65,14 @@ def load_state(folder: Path, checkpoint: Path, history: Path) -> PhaseState:
     (folder / BACKUP).mkdir(parents=True, exist_ok=True)
     remove_partial_files(folder)
     remove_partial_files(folder / BACKUP)
-    path = folder / STATE
-    if not path.is_file():
+    state = read_state(folder)
+    if state is None:
         for stale in (folder / BACKUP).glob("*"):
             stale.unlink()
         history.unlink(missing_ok=True)
         return PhaseState()
-    try:
-        state = PhaseState(**json.loads(path.read_text()))
-    except (ValueError, TypeError) as e:
-        raise ResumeError(f"{path} is not a phase state ({e}); delete {folder} to restart the phase") from e
     if state.weights and not (folder / state.weights).is_file():
-        raise ResumeError(f"{path} names {state.weights}, which is missing; "
+        raise ResumeError(f"{folder / STATE} names {state.weights}, which is missing; "
                           f"delete {folder} to restart the phase")
     _finish_commit(folder, checkpoint, history, state)
     return state
@@ -149,7 +119,7 @@ class EpochCommit(keras.callbacks.Callback):  # type: ignore[misc]
             save_model_durably(self.model, self.folder / candidate)
         self.state = PhaseState(epochs_done=epoch + 1, weights=weights, best_val_auc=best,
                                 best_candidate=candidate, history=[*self.state.history, row])
-        write_text_durably(self.folder / STATE, json.dumps(asdict(self.state), indent=1) + "\n")
+        write_text_durably(self.folder / STATE, self.state.to_json())
         _finish_commit(self.folder, self.checkpoint, self.history, self.state)
         shown = " ".join(f"{k}={v:.4f}" for k, v in sorted(row.items()) if k != "epoch")
         line = (f"phase {self.number} epoch {epoch + 1}: {shown} "

@@ -8,10 +8,6 @@ from pathlib import Path
 from training.config import Config, ConfigError, load_config
 
 
-class ResumeError(Exception):
-    """A phase's saved state (training.resume) cannot be used; the message says what to do."""
-
-
 @dataclass(frozen=True)
 class RunPaths:
     root: Path
