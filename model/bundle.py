@@ -16,7 +16,7 @@ import keras
 
 from model.durable import save_model_durably
 from model.errors import BundleError
-from model.manifest import WEIGHTS, Manifest, Thresholds, read_manifest, sha256_file, write_manifest
+from model.manifest import MANIFEST, WEIGHTS, Manifest, Thresholds, read_manifest, sha256_file, write_manifest
 from model.network import CLASS_NAMES, POSITIVE_CLASS, build_xception
 from model.preprocess import PreprocessSpec
 
@@ -27,11 +27,15 @@ def save_bundle(model: keras.Model, bundle: Path, *, name: str, version: str,
                 spec: PreprocessSpec, thresholds: Thresholds | None = None,
                 training: dict[str, Any] | None = None, metrics: dict[str, Any] | None = None,
                 validated: bool = False) -> Manifest:
-    """Write ``model`` and its manifest into ``bundle`` (created; must not hold a bundle)."""
+    """Write ``model`` and its manifest into ``bundle`` (created; must not hold a bundle).
+
+    Weights first, manifest last (each written durably): the manifest makes the bundle, so
+    weights left by an export killed before it are overwritten by the next export.
+    """
     bundle.mkdir(parents=True, exist_ok=True)
-    if (bundle / WEIGHTS).exists():
+    if (bundle / MANIFEST).exists():
         raise BundleError(f"{bundle} already holds a bundle; choose a new directory")
-    save_model_durably(model, bundle / WEIGHTS)  # a crash leaves no half bundle
+    save_model_durably(model, bundle / WEIGHTS)
     manifest = Manifest(
         name=name, version=version, created=datetime.now(UTC).isoformat(timespec="seconds"),
         keras_version=keras.__version__, backend=keras.backend.backend(), preprocessing=spec,

@@ -49,6 +49,20 @@ def test_round_trip_gives_identical_predictions(tmp_path: Path) -> None:
     np.testing.assert_array_equal(before, np.asarray(loaded.predict_on_batch(batch)))
     assert again == manifest
     assert manifest.label == "t 1 (NOT FOR CLINICAL USE)"
+    with pytest.raises(BundleError, match="already holds a bundle"):
+        save_bundle(model, tmp_path / "b", name="t", version="2", spec=PreprocessSpec(input_size=71))
+
+
+def test_an_export_interrupted_before_its_manifest_can_be_redone(tmp_path: Path) -> None:
+    """Weights without a manifest (a kill between the two) are not a bundle: the daemon refuses
+    them by name, and the next export into the same folder completes it."""
+    model = build_xception(71, weights=None)
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "model.keras").write_bytes(b"left by a killed export")
+    with pytest.raises(BundleError, match="manifest.json"):
+        load_bundle(tmp_path / "b")
+    save_bundle(model, tmp_path / "b", name="t", version="1", spec=PreprocessSpec(input_size=71))
+    assert load_bundle(tmp_path / "b")[1].version == "1"
 
 
 def test_demo_bundle_is_untrained_unvalidated_and_named_so(demo_bundle: Path) -> None:
