@@ -274,6 +274,7 @@ def test_early_stopping_counts_epochs_from_before_a_resume() -> None:
 
     state = PhaseState(history=[{"epoch": i, "val_auc": v} for i, v in enumerate([0.5, 0.7, 0.6, 0.7])])
     assert state.epochs_without_improvement() == 2  # a tie is no improvement (as Keras's min_delta 0)
+    assert (state.best_epoch(), state.best_val_auc) == (1, 0.7)
     assert state.should_stop(2) and not state.should_stop(3) and not state.should_stop(0)
     assert not PhaseState().should_stop(1)
 

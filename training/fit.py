@@ -19,7 +19,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from model.durable import save_model_durably, write_text_durably
+from model.durable import write_text_durably
 from model.network import build_xception
 from training.augment import build_augmenter
 from training.config import Config, PhaseConfig
@@ -115,8 +115,6 @@ def run_phase(number: int, model: keras.Model, phase: PhaseConfig, config: Confi
     # The first epoch includes graph compilation; the median of the others is the speed.
     timed = validation.train_seconds[1:] or validation.train_seconds
     seconds = float(np.median(timed)) if timed else 0.0
-    if not checkpoint.is_file():  # no epoch had a validation AUC
-        save_model_durably(model, checkpoint)
     result = PhaseResult(number, epochs_run, commit.state.best_val_auc,
                          round(images / seconds, 2) if seconds and images else math.nan)
     write_text_durably(paths.done(number), json.dumps(result.__dict__) + "\n")

@@ -38,8 +38,6 @@ BACKUP = "backup"
 
 
 def _history_text(rows: list[dict[str, float]]) -> str:
-    if not rows:
-        return ""
     keys = ["epoch", *sorted(k for k in rows[0] if k != "epoch")]
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=keys, extrasaction="ignore", lineterminator="\n")
@@ -50,27 +48,24 @@ def _history_text(rows: list[dict[str, float]]) -> str:
 
 
 def _finish_commit(folder: Path, checkpoint: Path, history: Path, state: PhaseState) -> None:
-    """Step 4: bring the derived files in line with ``state``; safe to repeat."""
+    """Step 4: bring the derived files in line with ``state``; safe to repeat. Deletes every
+    backup file (partial ones included) that ``state`` does not name."""
     if state.best_candidate and (folder / state.best_candidate).is_file():
         replace_durably(folder / state.best_candidate, checkpoint)
     keep = {state.weights, state.best_candidate}
     for path in (folder / BACKUP).glob("*"):
         if f"{BACKUP}/{path.name}" not in keep:
             path.unlink(missing_ok=True)
-    write_text_durably(history, _history_text(state.history))
+    if state.history:
+        write_text_durably(history, _history_text(state.history))
+    else:
+        history.unlink(missing_ok=True)
 
 
 def load_state(folder: Path, checkpoint: Path, history: Path) -> PhaseState:
     """The phase's last committed state (a fresh one when none), with the files it implies."""
-    (folder / BACKUP).mkdir(parents=True, exist_ok=True)
     remove_partial_files(folder)
-    remove_partial_files(folder / BACKUP)
-    state = read_state(folder)
-    if state is None:
-        for stale in (folder / BACKUP).glob("*"):
-            stale.unlink()
-        history.unlink(missing_ok=True)
-        return PhaseState()
+    state = read_state(folder) or PhaseState()
     if state.weights and not (folder / state.weights).is_file():
         raise ResumeError(f"{folder / STATE} names {state.weights}, which is missing; "
                           f"delete {folder} to restart the phase")
@@ -115,10 +110,10 @@ class EpochCommit(keras.callbacks.Callback):  # type: ignore[misc]
         best, candidate = self.state.best_val_auc, None
         val_auc = row.get("val_auc")
         if val_auc is not None and (best is None or val_auc > best):
-            best, candidate = val_auc, f"{BACKUP}/best-epoch-{tag}.keras"
+            candidate = f"{BACKUP}/best-epoch-{tag}.keras"
             save_model_durably(self.model, self.folder / candidate)
-        self.state = PhaseState(epochs_done=epoch + 1, weights=weights, best_val_auc=best,
-                                best_candidate=candidate, history=[*self.state.history, row])
+        self.state = PhaseState(epochs_done=epoch + 1, weights=weights, best_candidate=candidate,
+                                history=[*self.state.history, row])
         write_text_durably(self.folder / STATE, self.state.to_json())
         _finish_commit(self.folder, self.checkpoint, self.history, self.state)
         shown = " ".join(f"{k}={v:.4f}" for k, v in sorted(row.items()) if k != "epoch")

@@ -22,7 +22,6 @@ class PhaseState:
     epochs_done: int = 0
     weights: str | None = None
     """The backup after the last committed epoch, relative to the phase folder."""
-    best_val_auc: float | None = None
     best_candidate: str | None = None
     """A best model committed but perhaps not yet renamed to best.keras."""
     history: list[dict[str, float]] = field(default_factory=list)
@@ -31,6 +30,11 @@ class PhaseState:
         """Index of the first epoch with the best val_auc (None before any epoch)."""
         scores = [row.get("val_auc", -math.inf) for row in self.history]
         return max(range(len(scores)), key=lambda i: (scores[i], -i)) if scores else None
+
+    @property
+    def best_val_auc(self) -> float | None:
+        best = self.best_epoch()
+        return None if best is None else self.history[best].get("val_auc")
 
     def epochs_without_improvement(self) -> int:
         """Epochs since the best val_auc (Keras EarlyStopping's ``wait``, min_delta 0)."""
