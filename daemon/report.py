@@ -19,6 +19,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
+from daemon.config import ModelConfig
 from daemon.eligibility import OWN_MANUFACTURER
 from model.manifest import NOT_FOR_CLINICAL_USE, Manifest, Thresholds
 
@@ -46,16 +47,15 @@ class Priority(enum.StrEnum):
         return Code(f"PRI-{self.value.upper()}", SCHEME, self.value.replace("_", " ").capitalize())
 
 
-def with_threshold_overrides(manifest: Manifest, decision: float, urgent: float,
-                             elevated: float) -> Manifest:
+def with_threshold_overrides(manifest: Manifest, site: ModelConfig) -> Manifest:
     """The manifest with the site's configured thresholds (-1 keeps the bundle's value).
 
     Raises :class:`BundleError` (from :meth:`Thresholds.check`) when the result is invalid."""
     current = manifest.thresholds
     chosen = Thresholds(
-        decision=current.decision if decision < 0 else decision,
-        urgent=current.urgent if urgent < 0 else urgent,
-        elevated=current.elevated if elevated < 0 else elevated,
+        decision=current.decision if site.decision_threshold < 0 else site.decision_threshold,
+        urgent=current.urgent if site.urgent_threshold < 0 else site.urgent_threshold,
+        elevated=current.elevated if site.elevated_threshold < 0 else site.elevated_threshold,
     )
     chosen.check()
     return dataclasses.replace(manifest, thresholds=chosen)

@@ -161,9 +161,7 @@ def serve(config: Config) -> int:
     signal.signal(signal.SIGINT, on_signal)
 
     try:
-        m = config.model
-        manifest = with_threshold_overrides(check_model(config), m.decision_threshold,
-                                            m.urgent_threshold, m.elevated_threshold)
+        manifest = with_threshold_overrides(check_model(config), config.model)
     except BundleError as e:
         log.error("model_bundle_unusable", error=str(e))
         emit(f"opacityd: {e}", error=True)

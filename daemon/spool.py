@@ -94,8 +94,3 @@ class Spool:
             removed += 1
         return removed
 
-    def free_bytes(self) -> int:
-        self.root.mkdir(parents=True, exist_ok=True)
-        st = os.statvfs(self.root)
-        return st.f_bavail * st.f_frsize
-

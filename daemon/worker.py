@@ -73,9 +73,7 @@ class Worker:
         self.config = config
         self.sessions = sessions
         self.predictor = predictor
-        m = config.model
-        self.manifest = with_threshold_overrides(predictor.manifest, m.decision_threshold,
-                                                 m.urgent_threshold, m.elevated_threshold)
+        self.manifest = with_threshold_overrides(predictor.manifest, config.model)
         self.spool = spool
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}"
         self.lease = timedelta(seconds=config.worker.lease_s)
