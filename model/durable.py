@@ -18,25 +18,21 @@ TEMP_PREFIX = ".partial-"
 """Temporary files start with this; :func:`remove_partial_files` clears what a kill left."""
 
 
+def _fsync(path: Path, flags: int = os.O_RDONLY) -> None:
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    _fsync(path, os.O_RDONLY | os.O_DIRECTORY)
 
 
 def replace_durably(source: Path, target: Path) -> None:
     """Rename the complete file ``source`` over ``target`` (same folder) and make both stick."""
-    _fsync_file(source)
+    _fsync(source)
     os.replace(source, target)
     fsync_dir(target.parent)
 
