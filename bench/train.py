@@ -8,6 +8,11 @@ For each phase, two figures measured in this process after a warm-up (graph comp
 - bare: ``train_on_batch`` on one ready tensor (the network and optimizer alone);
 and their ratio. Synthetic images: speed does not depend on the pixels. Any Keras backend
 (``KERAS_BACKEND=jax`` on a GPU host).
+
+Then the cost of committing one epoch (training.resume, an improving epoch: weights with the
+optimizer state plus the best model, each fsynced and renamed) next to a plain Keras
+``save_weights`` (what BackupAndRestore wrote, in place and without fsync), in the same
+folder (``--out``, default the current directory's file system).
 """
 
 from __future__ import annotations
@@ -16,12 +21,15 @@ import argparse
 import os
 import platform
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import keras
 import numpy as np
 
 from model.device import describe_device
+from model.durable import save_model_durably, save_weights_durably
 from model.network import build_xception
 from training.augment import build_augmenter
 from training.config import AugmentConfig
@@ -38,7 +46,23 @@ def _rate(images: int, seconds: float) -> float:
     return images / seconds if seconds else float("nan")
 
 
-def measure(phase: int, size: int, batch: int, steps: int) -> tuple[float, float]:
+def commit_seconds(model: keras.Model, folder: Path, repeats: int = 3) -> tuple[float, float]:
+    """Median seconds of one epoch commit, and of a plain save_weights, in ``folder``."""
+    commit, plain = [], []
+    with tempfile.TemporaryDirectory(dir=folder) as temp:
+        for i in range(repeats):
+            started = time.perf_counter()
+            save_weights_durably(model, Path(temp) / f"epoch-{i}.weights.h5")
+            save_model_durably(model, Path(temp) / f"best-{i}.keras")
+            commit.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            model.save_weights(Path(temp) / f"plain-{i}.weights.h5")
+            plain.append(time.perf_counter() - started)
+    return float(np.median(commit)), float(np.median(plain))
+
+
+def measure(phase: int, size: int, batch: int, steps: int,
+            out: Path) -> tuple[float, float, tuple[float, float]]:
     keras.utils.set_random_seed(phase)
     model = build_xception(size, weights=None)
     _set_trainable(model, train_base=phase == 2)
@@ -63,7 +87,8 @@ def measure(phase: int, size: int, batch: int, steps: int) -> tuple[float, float
     for _ in range(steps):
         model.train_on_batch(x, y)
     bare = _rate(count, time.perf_counter() - started)
-    return pipeline, bare
+    _progress(f"phase {phase}: epoch commit vs plain save_weights")
+    return pipeline, bare, commit_seconds(model, out)
 
 
 def main() -> int:
@@ -72,16 +97,25 @@ def main() -> int:
     parser.add_argument("--input-size", type=int, default=299)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--out", type=Path, default=Path("."),
+                        help="folder on the file system whose writes the commit figure measures")
     args = parser.parse_args()
     print(f"host: {platform.node()} ({os.cpu_count()} CPUs), Keras {keras.__version__} on "
           f"{keras.backend.backend()}, device {describe_device()}; input {args.input_size} px, "
           f"batch {args.batch}, {args.steps} timed steps")
     print("| phase | pipeline images/s | bare train_on_batch images/s | pipeline / bare |")
     print("|---|---|---|---|")
+    commits = {}
     for phase in (1, 2):
-        pipeline, bare = measure(phase, args.input_size, args.batch, args.steps)
+        pipeline, bare, commits[phase] = measure(phase, args.input_size, args.batch, args.steps,
+                                                 args.out)
         print(f"| {phase} ({'base frozen' if phase == 1 else 'all trainable'}) | {pipeline:.2f} | "
               f"{bare:.2f} | {pipeline / bare:.2f} |", flush=True)
+    print("\n| phase | epoch commit s (weights + optimizer + best model, fsynced) | "
+          "plain save_weights s | commit / plain |")
+    print("|---|---|---|---|")
+    for phase, (commit, plain) in commits.items():
+        print(f"| {phase} | {commit:.2f} | {plain:.2f} | {commit / plain:.2f} |")
     return 0
 
 
