@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from daemon.exceptions import ConfigError
+from daemon.retry import RetryPolicy
 
 ENV_CONFIG = "OPACITYD_CONFIG"
 ENV_STATE_DIR = "OPACITYD_STATE_DIR"
@@ -24,6 +25,7 @@ ENV_MODEL = "OPACITYD_MODEL"
 
 IneligiblePolicy = Literal["keep", "discard"]
 UnknownPolicy = Literal["accept", "reject"]
+DuplicatePolicy = Literal["keep_first", "replace_and_rescore"]
 LogFormat = Literal["auto", "json", "console"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 
@@ -73,6 +75,9 @@ class ReceiverConfig:
     accept_any_storage_class: bool = False
     extra_sop_classes: tuple[str, ...] = ()
     ineligible_instances: IneligiblePolicy = "keep"
+    duplicate_policy: DuplicatePolicy = "keep_first"
+    """A re-sent SOP Instance UID with other bytes: keep the first copy (as Orthanc does) or
+    keep the new version beside it and score the study again (docs/conformance.md)."""
     peers: tuple[PeerConfig, ...] = (
         PeerConfig(ae_title="*", addresses=("127.0.0.0/8", "::1/128")),
     )
@@ -107,6 +112,20 @@ class WorkerConfig:
     lease_s: float = 300.0
     max_attempts: int = 5
     retry_base_s: float = 2.0
+    retry_max_s: float = 300.0
+    restart_base_s: float = 1.0
+    """The supervisor in `serve` restarts a dead worker after this, doubling per quick death."""
+    restart_max_s: float = 60.0
+
+    @property
+    def retry(self) -> RetryPolicy:
+        """How failed jobs are retried (and when a job ends failed)."""
+        return RetryPolicy(self.retry_base_s, self.retry_max_s, self.max_attempts)
+
+    @property
+    def restart(self) -> RetryPolicy:
+        """How the supervisor waits between restarts of a dying worker (never gives up)."""
+        return RetryPolicy(self.restart_base_s, self.restart_max_s, max_attempts=2**31 - 1)
 
 
 @dataclass(frozen=True)
@@ -118,6 +137,11 @@ class DeliveryConfig:
     retry_base_s: float = 5.0
     retry_max_s: float = 600.0
     timeout_s: float = 30.0
+
+    @property
+    def retry(self) -> RetryPolicy:
+        """How failed deliveries are retried (and when one ends failed)."""
+        return RetryPolicy(self.retry_base_s, self.retry_max_s, self.max_attempts)
 
 
 @dataclass(frozen=True)
@@ -360,12 +384,18 @@ def _check_semantics(config: Config) -> None:
     w = config.worker
     for name in ("batch_size", "threads", "max_attempts"):
         _require(getattr(w, name) >= 1, f"worker.{name}", getattr(w, name), "an integer >= 1")
-    for name in ("poll_interval_s", "lease_s", "retry_base_s"):
+    for name in ("poll_interval_s", "lease_s", "retry_base_s", "restart_base_s"):
         _require(getattr(w, name) > 0, f"worker.{name}", getattr(w, name), "a number > 0")
+    _require(w.retry_max_s >= w.retry_base_s, "worker.retry_max_s", w.retry_max_s,
+             f"a number >= worker.retry_base_s ({w.retry_base_s})")
+    _require(w.restart_max_s >= w.restart_base_s, "worker.restart_max_s", w.restart_max_s,
+             f"a number >= worker.restart_base_s ({w.restart_base_s})")
     d = config.delivery
     _require(d.max_attempts >= 1, "delivery.max_attempts", d.max_attempts, "an integer >= 1")
     for name in ("poll_interval_s", "retry_base_s", "retry_max_s", "timeout_s"):
         _require(getattr(d, name) > 0, f"delivery.{name}", getattr(d, name), "a number > 0")
+    _require(d.retry_max_s >= d.retry_base_s, "delivery.retry_max_s", d.retry_max_s,
+             f"a number >= delivery.retry_base_s ({d.retry_base_s})")
     names = [dest.name for dest in config.destinations]
     for i, dest in enumerate(config.destinations):
         key = f"destinations[{i}]"

@@ -68,11 +68,18 @@ class Study(Base):
 
 class Instance(Base):
     __tablename__ = "instances"
+    __table_args__ = (
+        sa.UniqueConstraint("sop_instance_uid", "version"),
+        sa.Index("ix_instances_current_sop_instance_uid", "sop_instance_uid", unique=True,
+                 sqlite_where=sa.text("superseded_at IS NULL"),
+                 postgresql_where=sa.text("superseded_at IS NULL")),
+    )
 
     id: Mapped[int] = mapped_column(primary_key=True)
     study_id: Mapped[int] = mapped_column(sa.ForeignKey("studies.id"), index=True)
     series_uid: Mapped[str] = mapped_column(UID)
-    sop_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
+    sop_instance_uid: Mapped[str] = mapped_column(UID)
+    """Unique among current rows (``superseded_at`` NULL) and with ``version``."""
     sop_class_uid: Mapped[str] = mapped_column(UID)
     transfer_syntax_uid: Mapped[str] = mapped_column(UID)
     modality: Mapped[str | None] = mapped_column(sa.String(16))
@@ -89,13 +96,24 @@ class Instance(Base):
     study_revision: Mapped[int]
     purged_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), index=True)
     """When retention deleted the spooled file (the row stays)."""
+    content_hash: Mapped[str | None] = mapped_column(sa.String(64))
+    """sha256 (hex) of the data set bytes as received, without the file meta header."""
+    version: Mapped[int] = mapped_column(default=1, server_default="1")
+    """1 for the first copy; n+1 when a re-send with other bytes was kept beside it
+    (``receiver.duplicate_policy = "replace_and_rescore"``)."""
+    superseded_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    """Set when a later version replaced this one; the file and row stay."""
 
     study: Mapped[Study] = relationship(back_populates="instances")
 
 
 class Job(Base):
     __tablename__ = "jobs"
-    __table_args__ = (sa.UniqueConstraint("study_id", "study_revision"),)
+    __table_args__ = (
+        sa.UniqueConstraint("study_id", "study_revision"),
+        sa.Index("ix_jobs_state_next_attempt_at", "state", "next_attempt_at"),
+        sa.Index("ix_jobs_state_lease_expires_at", "state", "lease_expires_at"),
+    )
 
     id: Mapped[int] = mapped_column(primary_key=True)
     study_id: Mapped[int] = mapped_column(sa.ForeignKey("studies.id"), index=True)
@@ -109,6 +127,8 @@ class Job(Base):
     next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     """A retried job is not claimed before this time."""
     last_error: Mapped[str | None] = mapped_column(sa.Text)
+    failure_reason: Mapped[str | None] = mapped_column(sa.String(64))
+    """Short code of the last failure (docs/operations.md lists them), e.g. ``abandoned``."""
 
     study: Mapped[Study] = relationship(back_populates="jobs")
 
@@ -161,7 +181,10 @@ class Delivery(Base):
     """One SR to one destination."""
 
     __tablename__ = "deliveries"
-    __table_args__ = (sa.UniqueConstraint("result_id", "destination"),)
+    __table_args__ = (
+        sa.UniqueConstraint("result_id", "destination"),
+        sa.Index("ix_deliveries_state_next_attempt_at", "state", "next_attempt_at"),
+    )
 
     id: Mapped[int] = mapped_column(primary_key=True)
     result_id: Mapped[int] = mapped_column(sa.ForeignKey("results.id"), index=True)
