@@ -1,23 +1,33 @@
 """`opacityd worker`: claim jobs, score their eligible images, write the SR, record the result.
 
 A separate process from the receiver. The model is loaded once; jobs are
-claimed in batches under a lease; images of all claimed jobs are decoded and
-preprocessed in a thread pool while the network runs, and predicted in
-batches. A study's probability is the maximum over its scored frontal images.
-A study whose images all fail preprocessing gets a "not analysable" result
-and SR listing the reasons. First SIGTERM finishes the current batch; a
-second exits at once.
+claimed in batches under a lease, renewed while the batch runs; images of all
+claimed jobs are decoded and preprocessed in a thread pool while the network
+runs, and predicted in batches. A study's probability is the maximum over its
+scored frontal images. A study whose images all fail preprocessing gets a "not
+analysable" result and SR listing the reasons. First SIGTERM finishes the
+current batch; a second exits at once.
+
+Fault boundaries: every job has one (reading its inputs, its images, its
+inference, building, writing and recording its SR); a failure there is logged
+with its traceback under the job's context, classified (:class:`JobFailure`)
+and recorded on the job, and the batch goes on. The run loop has one too: a
+failed claim or a bug in the bookkeeping is logged and the loop goes on after
+a backoff. A job can fail; the worker process does not.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
-import random
 import signal
 import socket
 import threading
 import time
+import traceback
+import uuid
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -40,18 +50,85 @@ from daemon.report import (
     study_probability,
     with_threshold_overrides,
 )
-from daemon.spool import Spool
+from daemon.spool import TEMP_SUFFIX, Spool
 from db import jobs
 from db.engine import create_db_engine, make_session_factory, unit_of_work
+from db.jobs import FailureReason
+from model.durable import fsync_dir
 from model.errors import BundleError, PreprocessError
 from model.predictor import Predictor
 from model.preprocess import PreprocessSpec, preprocess, read_dicom
 
 log = structlog.get_logger("opacityd.worker")
 
+_TRANSIENT_INFERENCE = frozenset({"MemoryError", "ResourceExhaustedError", "OutOfMemoryError"})
+"""Exception type names (any backend) of a network that ran out of memory: worth a retry."""
+
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class JobFailure:
+    """Why one job failed: a short code, whether a retry may help, and free text for operators
+    that never quotes a header value (pydicom and highdicom messages may carry patient data)."""
+
+    reason: FailureReason
+    transient: bool
+    description: str
+
+
+def describe(exc: BaseException) -> str:
+    """The exception's type (and errno name), never its message."""
+    name = type(exc).__name__
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return f"{name} {errno.errorcode.get(exc.errno, exc.errno)}"
+    return name
+
+
+def classify(exc: BaseException, stage: FailureReason) -> JobFailure:
+    """Map an exception raised while ``stage`` was under way to a recorded failure."""
+    if isinstance(exc, OperationalError):
+        return JobFailure(FailureReason.DATABASE_BUSY, True,
+                          f"database locked or unreachable ({describe(exc)})")
+    if isinstance(exc, SQLAlchemyError):
+        return JobFailure(FailureReason.DATABASE_ERROR, True, f"database error ({describe(exc)})")
+    if stage is FailureReason.SR_BUILD_FAILED:
+        return JobFailure(stage, False,
+                          f"the SR could not be built from the study's headers ({describe(exc)})")
+    if stage is FailureReason.SR_WRITE_FAILED:
+        return JobFailure(stage, True, f"the SR file could not be written ({describe(exc)})")
+    if stage is FailureReason.INFERENCE_ERROR:
+        names = {cls.__name__ for cls in type(exc).__mro__}
+        return JobFailure(stage, bool(names & _TRANSIENT_INFERENCE),
+                          f"the network raised on an image of this study ({describe(exc)})")
+    if stage is FailureReason.PREPROCESS_ERROR:
+        return JobFailure(stage, False, f"decoding or preprocessing an image raised ({describe(exc)})")
+    return JobFailure(FailureReason.INTERNAL_ERROR, True, f"unexpected error ({describe(exc)})")
+
+
+def traceback_text(exc: BaseException) -> str:
+    """The traceback of ``exc`` and its causes, frames and exception types only: the messages
+    are left out because pydicom and highdicom quote header values (patient data) in them."""
+    parts: list[str] = []
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        parts.append("Traceback (most recent call last):\n"
+                     + "".join(traceback.format_tb(current.__traceback__))
+                     + f"{type(current).__module__}.{type(current).__qualname__}: "
+                       "(message withheld: it may quote header values)\n")
+        current = current.__cause__ or current.__context__
+    return "\nThe above was raised while handling:\n".join(reversed(parts))
+
+
+@dataclass
+class _Stage:
+    """What a job's unit of work is doing now, so the boundary can name what failed."""
+
+    reason: FailureReason = FailureReason.INTERNAL_ERROR
 
 
 @dataclass
@@ -59,12 +136,59 @@ class _Image:
     job: jobs.ClaimedJob
     sop_uid: str
     path: Path
+    content_hash: str | None = None
     header: pydicom.Dataset | None = None
     array: np.ndarray | None = None
     refusal: str | None = None
     probability: float | None = None
     inference_s: float = 0.0
     """This image's share of its batch's network time."""
+
+
+class LeaseRenewer:
+    """Renews the leases of a batch's jobs every ``lease / 3`` while it runs, so a slow batch is
+    never taken by another worker. A context manager; :meth:`release` drops a finished job."""
+
+    def __init__(self, sessions: sessionmaker[Session], owner: str, lease: timedelta,
+                 job_ids: Iterable[int]) -> None:
+        self.sessions = sessions
+        self.owner = owner
+        self.lease = lease
+        self._jobs = set(job_ids)
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="lease-renewer", daemon=True)
+
+    def __enter__(self) -> LeaseRenewer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def release(self, job_id: int) -> None:
+        with self._lock:
+            self._jobs.discard(job_id)
+
+    def _run(self) -> None:
+        interval = self.lease.total_seconds() / 3
+        while not self._stop.wait(interval):
+            with self._lock:
+                pending = sorted(self._jobs)
+            if not pending:
+                continue
+            try:
+                with unit_of_work(self.sessions) as session:
+                    now = utcnow()
+                    lost = [job_id for job_id in pending
+                            if not jobs.renew_lease(session, job_id, self.owner, self.lease, now)]
+            except Exception:  # the renewal loop's boundary: log, try again next tick
+                log.warning("lease_renewal_failed", jobs=pending, exc_info=True)
+                continue
+            for job_id in lost:
+                log.warning("lease_lost", job_id=job_id, owner=self.owner)
+                self.release(job_id)
 
 
 class Worker:
@@ -77,6 +201,7 @@ class Worker:
         self.spool = spool
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}"
         self.lease = timedelta(seconds=config.worker.lease_s)
+        self.retry = config.worker.retry
         self.pool = ThreadPoolExecutor(config.worker.threads, thread_name_prefix="preprocess")
         enabled = [d.name for d in config.destinations if d.enabled]
         self.destinations = enabled if config.delivery.enabled else []
@@ -86,8 +211,18 @@ class Worker:
                  thresholds=dataclasses.asdict(self.manifest.thresholds),
                  device=self.predictor.device, destinations=self.destinations,
                  shadow_mode=not self.config.delivery.enabled)
+        faults = 0
         while not stop.is_set():
-            if not self.run_once():
+            try:
+                claimed = self.run_once()
+                faults = 0
+            except Exception:  # the run loop's boundary: a fault in bookkeeping never ends the worker
+                faults += 1
+                delay = self.retry.delay_s(faults)
+                log.exception("worker_loop_failed", consecutive=faults, retry_in_s=round(delay, 2))
+                stop.wait(delay)
+                continue
+            if not claimed:
                 stop.wait(self.config.worker.poll_interval_s)
         self.pool.shutdown(wait=True)
         log.info("worker_stopped", owner=self.owner)
@@ -96,86 +231,141 @@ class Worker:
         """Claim and process one batch of jobs; returns how many were claimed."""
         try:
             with unit_of_work(self.sessions) as session:
-                claimed = jobs.claim_jobs(session, self.owner, self.lease, utcnow(),
-                                          self.config.worker.batch_size)
+                now = utcnow()
+                abandoned = jobs.abandon_exhausted(session, now, self.retry.max_attempts, self.owner)
+                claimed = jobs.claim_jobs(session, self.owner, self.lease, now,
+                                          self.config.worker.batch_size,
+                                          max_attempts=self.retry.max_attempts)
         except SQLAlchemyError as e:
-            log.warning("claim_failed", error=type(e).__name__)
+            log.warning("claim_failed", error=describe(e))
             return 0
+        for job in abandoned:
+            log.critical("job_abandoned", study_uid=job.study_uid, job_id=job.job_id,
+                         attempts=job.attempts, reason=FailureReason.ABANDONED.value)
         if claimed:
-            self._process(claimed)
+            with LeaseRenewer(self.sessions, self.owner, self.lease,
+                              [job.job_id for job in claimed]) as renewer:
+                self._process(claimed, renewer)
         return len(claimed)
 
-    def _process(self, claimed: list[jobs.ClaimedJob]) -> None:
-        images: list[_Image] = []
+    def _process(self, claimed: list[jobs.ClaimedJob], renewer: LeaseRenewer) -> None:
+        """Score one claimed batch; every job ends done, retried or failed with its reason."""
+        failures: dict[int, tuple[JobFailure, BaseException | None]] = {}
         inputs: dict[int, list[jobs.JobInput]] = {}
-        with unit_of_work(self.sessions) as session:
+        settled: set[int] = set()
+        try:
             for job in claimed:
-                inputs[job.job_id] = jobs.job_inputs(session, job.study_id)
-        for job in claimed:
-            images += [_Image(job, item.sop_instance_uid, self.spool.absolute(item.spool_path))
-                       for item in inputs[job.job_id] if item.eligible and item.spool_path]
-        spec = self.predictor.manifest.preprocessing
-        prepared = self.pool.map(lambda im: _prepare(im.path, spec), images)
-        for img, (header, array, refusal) in zip(images, prepared, strict=True):
-            img.header, img.array, img.refusal = header, array, refusal
-        ready = [img for img in images if img.array is not None]
-        batch_size = self.config.worker.batch_size
-        for start in range(0, len(ready), batch_size):
-            chunk = ready[start:start + batch_size]
-            started = time.perf_counter()
-            try:
-                probabilities = self.predictor.predict(
-                    np.stack([img.array for img in chunk if img.array is not None]))
-            except (MemoryError, RuntimeError) as e:
-                for job in {img.job.job_id: img.job for img in chunk}.values():
-                    self._fail(job, f"inference failed: {type(e).__name__}: {e}", transient=True)
+                try:
+                    with unit_of_work(self.sessions) as session:
+                        inputs[job.job_id] = jobs.job_inputs(session, job.study_id)
+                except Exception as e:  # noqa: BLE001 - this job's boundary: its inputs could not be read
+                    failures[job.job_id] = (classify(e, FailureReason.DATABASE_ERROR), e)
+            images = [_Image(job, item.sop_instance_uid, self.spool.absolute(item.spool_path),
+                             item.content_hash)
+                      for job in claimed if job.job_id not in failures
+                      for item in inputs[job.job_id] if item.eligible and item.spool_path]
+            spec = self.predictor.manifest.preprocessing
+            for img, prepared in zip(images, self.pool.map(lambda im: _prepare_guarded(im.path, spec),
+                                                           images), strict=True):
+                if isinstance(prepared, BaseException):
+                    failures.setdefault(img.job.job_id,
+                                        (classify(prepared, FailureReason.PREPROCESS_ERROR), prepared))
+                else:
+                    img.header, img.array, img.refusal = prepared
+            ready = [img for img in images
+                     if img.array is not None and img.job.job_id not in failures]
+            batch_size = self.config.worker.batch_size
+            for start in range(0, len(ready), batch_size):
+                self._predict(ready[start:start + batch_size], failures)
+            for job in claimed:
+                settled.add(job.job_id)
+                if job.job_id in failures:
+                    failure, exc = failures[job.job_id]
+                    with structlog.contextvars.bound_contextvars(study_uid=job.study_uid,
+                                                                 job_id=job.job_id):
+                        self._fail(job, failure, exc)
+                else:
+                    self._finish(job, inputs[job.job_id], [img for img in images if img.job is job])
+                renewer.release(job.job_id)
+        except Exception as e:  # noqa: BLE001 - the batch's boundary: a bug fails what is left (retried)
+            for job in claimed:
+                if job.job_id not in settled:
+                    with structlog.contextvars.bound_contextvars(study_uid=job.study_uid,
+                                                                 job_id=job.job_id):
+                        self._fail(job, classify(e, FailureReason.INTERNAL_ERROR), e)
+
+    def _predict(self, chunk: list[_Image],
+                 failures: dict[int, tuple[JobFailure, BaseException | None]]) -> None:
+        """Predict one chunk. When the network raises on a chunk of several images, each is tried
+        alone, so only the job of the image that raises fails; the others keep their scores."""
+        started = time.perf_counter()
+        try:
+            probabilities = self.predictor.predict(
+                np.stack([img.array for img in chunk if img.array is not None]))
+        except Exception as e:  # noqa: BLE001 - the chunk's boundary: isolate the culprit, keep the rest
+            if len(chunk) == 1:
+                (img,) = chunk
+                failures.setdefault(img.job.job_id, (classify(e, FailureReason.INFERENCE_ERROR), e))
                 return
-            share = (time.perf_counter() - started) / len(chunk)
-            for img, p in zip(chunk, probabilities, strict=True):
-                img.probability = float(p)
-                img.inference_s = share
-                img.array = None
-        for job in claimed:
-            self._finish(job, inputs[job.job_id], [img for img in images if img.job is job])
+            log.warning("batch_inference_failed", images=len(chunk), error=describe(e),
+                        retry="image_by_image")
+            for img in chunk:
+                if img.job.job_id not in failures:
+                    self._predict([img], failures)
+            return
+        share = (time.perf_counter() - started) / len(chunk)
+        for img, p in zip(chunk, probabilities, strict=True):
+            img.probability = float(p)
+            img.inference_s = share
+            img.array = None
 
     def _finish(self, job: jobs.ClaimedJob, items: list[jobs.JobInput], images: list[_Image]) -> None:
         with structlog.contextvars.bound_contextvars(study_uid=job.study_uid, job_id=job.job_id):
+            stage = _Stage()
             try:
-                self._record(job, items, images)
-            except OperationalError as e:
-                self._fail(job, f"database: {e}"[:300], transient=True)
-            except (OSError, ValueError, KeyError) as e:
-                self._fail(job, f"{type(e).__name__}: {e}"[:300], transient=False)
+                failure = self._record(job, items, images, stage)
+            except Exception as e:  # noqa: BLE001 - the job's boundary: record why, go on with the next job
+                self._fail(job, classify(e, stage.reason), e)
+                return
+            if failure is not None:
+                self._fail(job, failure, None)
 
-    def _record(self, job: jobs.ClaimedJob, items: list[jobs.JobInput], images: list[_Image]) -> None:
+    def _record(self, job: jobs.ClaimedJob, items: list[jobs.JobInput], images: list[_Image],
+                stage: _Stage) -> JobFailure | None:
+        """Build, write and record the job's SR; returns the failure when the job's images do
+        not allow a result (``stage`` says what was under way when something raised)."""
         manifest = self.manifest
         outcomes = [ImageOutcome(img.header, img.probability, img.refusal)
                     for img in images if img.header is not None]
         unreadable = [f"{img.sop_uid} ({img.refusal})" for img in images if img.header is None]
         if unreadable:
             # The spool lost an acknowledged instance: an operator must look; requeue after.
-            self._fail(job, f"spooled instances unreadable: {', '.join(unreadable)}"[:1000],
-                       transient=False)
-            return
+            return JobFailure(FailureReason.SPOOL_UNREADABLE, False,
+                              f"spooled instances unreadable: {', '.join(unreadable)}"[:1000])
         if not outcomes:
-            self._fail(job, "no eligible image is held for this study", transient=False)
-            return
+            return JobFailure(FailureReason.NO_INPUT, False,
+                              "no eligible image is held for this study")
         study_p = study_probability(outcomes)
         scored = [str(o.header.SOPInstanceUID) for o in outcomes if o.probability is not None]
+        stage.reason = FailureReason.DATABASE_ERROR
         with unit_of_work(self.sessions) as session:
             previous = jobs.latest_result(session, job.study_id)
             previous_path = previous.sr_path if previous is not None else None
             previous_uid = previous.sr_sop_instance_uid if previous is not None else None
+        stage.reason = FailureReason.INTERNAL_ERROR
         previous_sr = None
         # The same scored images and model give the same SR: it supersedes nothing.
         if (previous_path and previous_uid != sr_instance_uid(job.study_uid, scored, manifest)
                 and self.spool.absolute(previous_path).exists()):
             previous_sr = pydicom.dcmread(self.spool.absolute(previous_path))
+        stage.reason = FailureReason.SR_BUILD_FAILED
         sr = build_sr(job.study_uid, outcomes, manifest, revision=job.revision, previous=previous_sr)
-        relative = f"sr/{job.study_uid}/{sr.SOPInstanceUID}.dcm"
         buffer = pydicom.filebase.DicomBytesIO()
         sr.save_as(buffer, enforce_file_format=True)
-        self.spool.write(relative, [buffer.getvalue()])
+        stage.reason = FailureReason.SR_WRITE_FAILED
+        relative = f"sr/{job.study_uid}/{sr.SOPInstanceUID}.dcm"
+        written = write_once(self.spool.absolute(relative), buffer.getvalue())
+        stage.reason = FailureReason.DATABASE_ERROR
         priority = priority_for(study_p, manifest)
         record = jobs.ResultRecord(
             model_name=manifest.name, model_version=manifest.version,
@@ -195,24 +385,76 @@ class Worker:
             recorded = jobs.finish_job(session, job, self.owner, record, self.destinations, utcnow())
         if recorded is None:
             log.warning("job_lost_lease", owner=self.owner)
-            return
+            return None
         log.info("study_scored", outcome="new_result" if recorded else "unchanged",
                  probability=None if study_p is None else round(study_p, 4), priority=priority.value,
                  scored=len(scored), refused=len(outcomes) - len(scored), model=manifest.label,
-                 sr=str(sr.SOPInstanceUID))
+                 sr=str(sr.SOPInstanceUID), sr_file="written" if written else "kept")
+        return None
 
-    def _fail(self, job: jobs.ClaimedJob, error: str, *, transient: bool) -> None:
-        w = self.config.worker
-        retry_in = timedelta(seconds=w.retry_base_s * 2 ** (job.attempts - 1) * random.uniform(0.5, 1.5))
+    def _fail(self, job: jobs.ClaimedJob, failure: JobFailure, exc: BaseException | None) -> None:
+        """Record ``failure`` on the job (retry after the policy's delay, or failed) and log it,
+        with the traceback when an exception caused it. Never raises."""
+        retry_in = self.retry.delay(job.attempts)
         try:
             with unit_of_work(self.sessions) as session:
-                state = jobs.fail_job(session, job, self.owner, error, transient=transient,
-                                      now=utcnow(), max_attempts=w.max_attempts, retry_in=retry_in)
-        except SQLAlchemyError as e:
-            log.error("job_failure_not_recorded", job_id=job.job_id, error=type(e).__name__)
+                state = jobs.fail_job(session, job, self.owner, failure.description,
+                                      transient=failure.transient, now=utcnow(),
+                                      max_attempts=self.retry.max_attempts, retry_in=retry_in,
+                                      reason=failure.reason)
+        except Exception as e:  # noqa: BLE001 - not recorded: the lease expiry retries the job
+            log.error("job_failure_not_recorded", reason=failure.reason.value, error=describe(e),
+                      exception=traceback_text(e))
             return
-        log.warning("job_failed", study_uid=job.study_uid, job_id=job.job_id, error=error[:200],
-                    transient=transient, state=state.value if state else "lease_lost")
+        fields: dict[str, object] = {
+            "reason": failure.reason.value, "transient": failure.transient,
+            "error": failure.description[:200], "attempt": job.attempts,
+            "state": state.value if state else "lease_lost"}
+        if state is not None and state.value == "queued":
+            fields["retry_in_s"] = round(retry_in.total_seconds(), 2)
+        if exc is not None:
+            fields["exception"] = traceback_text(exc)
+        if failure.transient and state is not None and state.value == "queued":
+            log.warning("job_failed", **fields)
+        else:
+            log.error("job_failed", **fields)
+
+
+def write_once(path: Path, data: bytes) -> bool:
+    """Write ``data`` durably at ``path`` unless a file is already there; returns whether it
+    wrote. A stored SR is never overwritten: the bytes go to a fsynced temporary file that is
+    hard-linked to ``path`` (which fails when ``path`` exists) and then removed.
+
+    Raises :class:`OSError` (ENOSPC on a full disk); nothing is left behind then."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(f".{path.name}.{uuid.uuid4().hex}{TEMP_SUFFIX}")
+    try:
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.link(temp, path)
+        except FileExistsError:
+            return False
+        fsync_dir(path.parent)
+        return True
+    finally:
+        temp.unlink(missing_ok=True)
+
+
+def _prepare_guarded(path: Path, spec: PreprocessSpec
+                     ) -> tuple[pydicom.Dataset | None, np.ndarray | None, str | None] | Exception:
+    """:func:`_prepare`, or the exception it raised (the image's boundary: the caller records
+    it on the image's job), so one bad image never ends the batch."""
+    try:
+        return _prepare(path, spec)
+    except Exception as e:  # noqa: BLE001 - one image's boundary; recorded on its job by the caller
+        return e
 
 
 def _prepare(path: Path, spec: PreprocessSpec
@@ -221,7 +463,7 @@ def _prepare(path: Path, spec: PreprocessSpec
     try:
         ds = read_dicom(path)
     except PreprocessError as e:
-        return None, None, f"{e.reason.value}: {e.detail}"[:200]
+        return None, None, e.reason.value  # the detail may quote the file's bytes
     try:
         array: np.ndarray | None = preprocess(ds, spec).array
         refusal = None

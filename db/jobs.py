@@ -3,11 +3,14 @@
 A claim is a conditional UPDATE (the job is still claimable), so two workers
 never hold the same job; on PostgreSQL the candidate rows are also locked with
 ``FOR UPDATE SKIP LOCKED`` (see :func:`db.engine.for_claim`). A job whose
-lease expired (its worker died) is claimable again.
+lease expired (its worker died) is claimable again, and that claim counts an
+attempt; one whose worker vanished ``max_attempts`` times ends FAILED with the
+reason ``abandoned`` instead (:func:`abandon_exhausted`, :func:`release_leases`).
 """
 
 from __future__ import annotations
 
+import enum
 import json
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -20,6 +23,31 @@ from db.engine import for_claim, locks_rows
 from db.models import Delivery, Instance, Job, Result, Study
 from db.queue import audit, set_job_state
 from db.states import AuditAction, DeliveryState, JobState
+
+
+class FailureReason(enum.StrEnum):
+    """Short code stored in ``jobs.failure_reason`` (docs/operations.md says what to do)."""
+
+    DATABASE_BUSY = "database_busy"
+    """The database was locked or unreachable (transient)."""
+    DATABASE_ERROR = "database_error"
+    """Another database error while reading inputs or recording (transient)."""
+    SPOOL_UNREADABLE = "spool_unreadable"
+    """An acknowledged spool file is gone or is no DICOM file any more (permanent)."""
+    PREPROCESS_ERROR = "preprocess_error"
+    """Decoding or preprocessing an image raised unexpectedly (permanent)."""
+    NO_INPUT = "no_input"
+    """No eligible image of the study is held (permanent)."""
+    INFERENCE_ERROR = "inference_error"
+    """The network raised on one of the study's images (out of memory: transient)."""
+    SR_BUILD_FAILED = "sr_build_failed"
+    """The SR could not be built from the headers (permanent)."""
+    SR_WRITE_FAILED = "sr_write_failed"
+    """The SR file could not be written, e.g. a full disk (transient)."""
+    ABANDONED = "abandoned"
+    """Its worker vanished (killed, crashed) on every one of ``max_attempts`` attempts."""
+    INTERNAL_ERROR = "internal_error"
+    """Anything else: a bug; the traceback is in the worker's log."""
 
 
 @dataclass(frozen=True)
@@ -37,6 +65,17 @@ class JobInput:
     spool_path: str | None
     eligible: bool
     reason: str
+    content_hash: str | None
+    """sha256 of the stored bytes as the receiver recorded them (None for rows older than 0004)."""
+
+
+@dataclass(frozen=True)
+class AbandonedJob:
+    """A job failed because its worker vanished on its last allowed attempt."""
+
+    job_id: int
+    study_uid: str
+    attempts: int
 
 
 @dataclass(frozen=True)
@@ -57,22 +96,30 @@ class ResultRecord:
     detail: dict[str, Any]
 
 
-def _claimable(now: datetime) -> sa.ColumnElement[bool]:
+def _claimable(now: datetime, max_attempts: int | None = None) -> sa.ColumnElement[bool]:
     queued = sa.and_(Job.state == JobState.QUEUED,
                      sa.or_(Job.next_attempt_at.is_(None), Job.next_attempt_at <= now))
     abandoned = sa.and_(Job.state == JobState.RUNNING, Job.lease_expires_at < now)
+    if max_attempts is not None:
+        abandoned = sa.and_(abandoned, Job.attempts < max_attempts)
     return sa.or_(queued, abandoned)
 
 
 def claim_jobs(session: Session, owner: str, lease: timedelta, now: datetime,
-               limit: int) -> list[ClaimedJob]:
-    """Claim up to ``limit`` jobs for ``owner``, oldest first."""
+               limit: int, *, max_attempts: int | None = None) -> list[ClaimedJob]:
+    """Claim up to ``limit`` jobs for ``owner``, oldest first.
+
+    A job whose lease expired is claimed again (one more attempt) only while it
+    has attempts left under ``max_attempts``; call :func:`abandon_exhausted` first
+    so that the others end FAILED instead of staying RUNNING.
+    """
+    claimable = _claimable(now, max_attempts)
     candidates = session.execute(for_claim(
-        sa.select(Job.id).where(_claimable(now)).order_by(Job.id).limit(limit), session)).scalars().all()
+        sa.select(Job.id).where(claimable).order_by(Job.id).limit(limit), session)).scalars().all()
     claimed: list[ClaimedJob] = []
     for job_id in candidates:
         updated = cast(sa.CursorResult[Any], session.execute(
-            sa.update(Job).where(Job.id == job_id, _claimable(now))
+            sa.update(Job).where(Job.id == job_id, claimable)
             .values(state=JobState.RUNNING, lease_owner=owner, lease_expires_at=now + lease,
                     attempts=Job.attempts + 1, updated_at=now)
             .execution_options(synchronize_session=False)))
@@ -96,14 +143,69 @@ def renew_lease(session: Session, job_id: int, owner: str, lease: timedelta, now
     return updated.rowcount == 1
 
 
+def _abandon(session: Session, job: Job, actor: str, now: datetime, **detail: Any) -> AbandonedJob:
+    set_job_state(job, JobState.FAILED, now)
+    job.failure_reason = FailureReason.ABANDONED.value
+    job.last_error = (f"its worker vanished (killed or crashed) during each of its "
+                      f"{job.attempts} attempts")
+    job.lease_owner = None
+    job.lease_expires_at = None
+    audit(session, AuditAction.JOB_FAILED, actor, now, study_uid=job.study.study_uid,
+          job_id=job.id, attempt=job.attempts, reason=FailureReason.ABANDONED.value, **detail)
+    return AbandonedJob(job.id, job.study.study_uid, job.attempts)
+
+
+def abandon_exhausted(session: Session, now: datetime, max_attempts: int,
+                      actor: str) -> list[AbandonedJob]:
+    """RUNNING jobs whose lease expired on their last allowed attempt become FAILED
+    (reason ``abandoned``); returns them, so the caller raises the alert."""
+    jobs = session.scalars(for_claim(
+        sa.select(Job).where(Job.state == JobState.RUNNING, Job.lease_expires_at < now,
+                             Job.attempts >= max_attempts).order_by(Job.id), session)).all()
+    return [_abandon(session, job, actor, now, lease_expired=True) for job in jobs]
+
+
+def release_leases(session: Session, owner_prefix: str, now: datetime, max_attempts: int,
+                   actor: str) -> tuple[list[int], list[AbandonedJob]]:
+    """The RUNNING jobs of a worker known to be dead (``lease_owner`` starts with
+    ``owner_prefix``, i.e. ``host:pid:``) go back to QUEUED at once instead of waiting for
+    their lease to expire; the attempt they were on stays counted. One on its last allowed
+    attempt becomes FAILED (``abandoned``). Returns (requeued job ids, abandoned jobs)."""
+    jobs = session.scalars(for_claim(
+        sa.select(Job).where(Job.state == JobState.RUNNING,
+                             Job.lease_owner.startswith(owner_prefix, autoescape=True))
+        .order_by(Job.id), session)).all()
+    requeued: list[int] = []
+    abandoned: list[AbandonedJob] = []
+    for job in jobs:
+        if job.attempts >= max_attempts:
+            abandoned.append(_abandon(session, job, actor, now, released_from=job.lease_owner))
+            continue
+        owner = job.lease_owner
+        set_job_state(job, JobState.QUEUED, now)
+        job.failure_reason = FailureReason.ABANDONED.value
+        job.last_error = "its worker vanished (killed or crashed); released for another attempt"
+        job.lease_owner = None
+        job.lease_expires_at = None
+        job.next_attempt_at = now
+        audit(session, AuditAction.JOB_RETRY, actor, now, study_uid=job.study.study_uid,
+              job_id=job.id, attempt=job.attempts, reason=FailureReason.ABANDONED.value,
+              released_from=owner)
+        requeued.append(job.id)
+    return requeued, abandoned
+
+
 def job_inputs(session: Session, study_id: int) -> list[JobInput]:
+    """The study's current instances (a superseded version is never an input), in arrival order."""
     rows = session.execute(
         # A purged instance's file is gone: it is no longer an input (retention, docs/operations.md).
         sa.select(Instance.sop_instance_uid,
                   sa.case((Instance.purged_at.is_(None), Instance.spool_path), else_=None),
                   Instance.eligible,
-                  Instance.eligibility_reason)
-        .where(Instance.study_id == study_id).order_by(Instance.id)).all()
+                  Instance.eligibility_reason,
+                  Instance.content_hash)
+        .where(Instance.study_id == study_id, Instance.superseded_at.is_(None))
+        .order_by(Instance.id)).all()
     return [JobInput(*row) for row in rows]
 
 
@@ -164,24 +266,30 @@ def finish_job(session: Session, claimed: ClaimedJob, owner: str, record: Result
 
 
 def fail_job(session: Session, claimed: ClaimedJob, owner: str, error: str, *, transient: bool,
-             now: datetime, max_attempts: int, retry_in: timedelta) -> JobState | None:
+             now: datetime, max_attempts: int, retry_in: timedelta,
+             reason: FailureReason = FailureReason.INTERNAL_ERROR) -> JobState | None:
     """A transient failure goes back to QUEUED after ``retry_in`` until ``max_attempts``;
-    a permanent one (or the last attempt) is FAILED with its reason kept."""
+    a permanent one (or the last attempt) is FAILED with its reason kept.
+
+    ``error`` is free text for operators and must carry no header value (patient data);
+    ``reason`` is the short code. Returns the new state, or None when the job is no
+    longer ours (its lease was lost)."""
     job = _own_running_job(session, claimed.job_id, owner)
     if job is None:
         return None
     job.last_error = error[:2000]
+    job.failure_reason = reason.value
     job.lease_owner = None
     job.lease_expires_at = None
     if transient and job.attempts < max_attempts:
         set_job_state(job, JobState.QUEUED, now)
         job.next_attempt_at = now + retry_in
         audit(session, AuditAction.JOB_RETRY, owner, now, study_uid=claimed.study_uid,
-              job_id=job.id, attempt=job.attempts, error=error[:200])
+              job_id=job.id, attempt=job.attempts, reason=reason.value, error=error[:200])
         return JobState.QUEUED
     set_job_state(job, JobState.FAILED, now)
     audit(session, AuditAction.JOB_FAILED, owner, now, study_uid=claimed.study_uid,
-          job_id=job.id, attempt=job.attempts, error=error[:200])
+          job_id=job.id, attempt=job.attempts, reason=reason.value, error=error[:200])
     return JobState.FAILED
 
 
