@@ -26,7 +26,7 @@ from daemon.config import Config
 from daemon.health import Health, all_ok
 from daemon.metrics import Metrics
 from db import worklist
-from db.engine import unit_of_work
+from db.engine import read_only
 
 log = structlog.get_logger("opacityd.http")
 
@@ -107,7 +107,7 @@ class HttpApi:
             return self._json(start_response, "200 OK", self.worklist(query))
         match = STUDY_PATH.match(path)
         if match:
-            with unit_of_work(self.sessions) as session:
+            with read_only(self.sessions) as session:
                 study = worklist.find_study(session, match.group(1))
                 if study is None:
                     return self._json(start_response, "404 Not Found", {"error": "no such study"})
@@ -120,7 +120,7 @@ class HttpApi:
         levels = [v for value in query.get("level", []) for v in value.split(",") if v]
         since = worklist.parse_since(query["since"][0], now) if "since" in query else None
         limit = int(query.get("limit", ["200"])[0])
-        with unit_of_work(self.sessions) as session:
+        with read_only(self.sessions) as session:
             return worklist.worklist_document(session, levels, since, limit,
                                               self.config.worklist.show_identifiers, now)
 

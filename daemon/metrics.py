@@ -1,10 +1,11 @@
 """Prometheus metrics for /metrics.
 
-Counters the receiver increments in this process (instances received/refused, associations
-rejected); gauges read from the database at scrape time (queue depth per state, job and
-delivery outcomes, results per priority), so they cover the worker process too and survive
-restarts; histograms fed at scrape time from rows written since the last scrape (inference
-time per study, receive-to-delivered latency).
+Counters the receiver increments in this process (instances received/refused, re-sends with
+other bytes, associations rejected); gauges read from the database at scrape time (queue depth
+per state, job and delivery outcomes, results per priority), so they cover the worker process
+too and survive restarts; histograms fed at scrape time from rows written since the last scrape
+(inference time per study, receive-to-delivered latency). Every scrape reads in a transaction
+that takes no write lock, so scraping never holds up a C-STORE.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from daemon.disk import DiskGuard
 from db import queue
-from db.engine import unit_of_work
+from db.engine import read_only
 from db.models import Delivery, Result, Study
 from db.states import DeliveryState
 from model.manifest import Manifest
@@ -35,7 +36,7 @@ class _DatabaseCollector(Collector):
         self.sessions = sessions
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        with unit_of_work(self.sessions) as session:
+        with read_only(self.sessions) as session:
             counts = queue.state_counts(session)
             deliveries = dict(session.execute(sa.select(Delivery.state, sa.func.count())
                                               .group_by(Delivery.state)).all())
@@ -66,6 +67,9 @@ class Metrics:
                                 ["eligible", "reason"], registry=self.registry)
         self.refused = Counter("opacityd_instances_refused", "C-STORE requests refused, by reason",
                                ["reason"], registry=self.registry)
+        self.duplicate_conflicts = Counter(
+            "opacityd_duplicate_conflicts", "Re-sent SOP Instance UIDs with other bytes, by the "
+            "receiver.duplicate_policy applied", ["policy"], registry=self.registry)
         self.rejected = Counter("opacityd_associations_rejected", "Associations rejected, by reason",
                                 ["reason"], registry=self.registry)
         self.inference = Histogram("opacityd_inference_seconds", "Network time per scored study",
@@ -81,13 +85,13 @@ class Metrics:
                  "validated": str(manifest.validated).lower()})
         self.registry.register(_DatabaseCollector(sessions))
         self._lock = threading.Lock()
-        with unit_of_work(sessions) as session:
+        with read_only(sessions) as session:
             self._last_result = session.scalar(sa.select(sa.func.max(Result.id))) or 0
             self._last_delivered = (session.scalar(sa.select(sa.func.max(Delivery.delivered_at)))
                                     or datetime.now(UTC))
 
     def _observe_new_rows(self) -> None:
-        with unit_of_work(self.sessions) as session:
+        with read_only(self.sessions) as session:
             for result_id, seconds in session.execute(
                     sa.select(Result.id, Result.inference_seconds).where(Result.id > self._last_result)
                     .order_by(Result.id)):

@@ -14,7 +14,7 @@ from daemon.output import emit
 from daemon.retention import purge
 from daemon.spool import Spool
 from db import queue, worklist
-from db.engine import unit_of_work
+from db.engine import read_only, unit_of_work
 from db.states import AuditAction
 
 EXIT_OK, EXIT_ERROR = 0, 1
@@ -56,7 +56,7 @@ def run_worklist(args: argparse.Namespace, config: Config, sessions: sessionmake
     now = datetime.now(UTC)
     since = worklist.parse_since(args.since, now) if args.since else None
     show = config.worklist.show_identifiers
-    with unit_of_work(sessions) as session:
+    with read_only(sessions) as session:
         document = worklist.worklist_document(session, args.level, since, args.limit, show, now)
     if args.json:
         emit(json.dumps(document, indent=2))
@@ -75,7 +75,7 @@ def run_worklist(args: argparse.Namespace, config: Config, sessions: sessionmake
 
 
 def run_audit(args: argparse.Namespace, config: Config, sessions: sessionmaker[Session]) -> int:
-    with unit_of_work(sessions) as session:
+    with read_only(sessions) as session:
         study = worklist.find_study(session, args.study)
         if study is None:
             emit(f"opacityd: no study {args.study!r}", error=True)

@@ -1,14 +1,19 @@
 """The DICOM Storage SCP: accept, write durably, record, then acknowledge.
 
 The C-STORE handler is thin. It never decodes pixels and never runs the
-model: it parses the header, writes the received bytes to the spool (fsync,
-rename, fsync), records the rows in one transaction, and only then answers
-0x0000. Each expected failure is a specific status (see
-:mod:`daemon.statuses`) with an Error Comment and a logged reason.
+model: it parses the header, writes the received bytes to a temporary spool
+file (fsync), and in one transaction lets the database decide NEW or DUPLICATE
+(by SOP Instance UID and the sha256 of the data set), links a kept file under a
+name nobody holds (fsync of the folder) and records the rows; only after the
+commit does it answer 0x0000. An acknowledged file is never replaced or removed
+by a later association (``receiver.duplicate_policy``, docs/conformance.md).
+Each expected failure is a specific status (see :mod:`daemon.statuses`) with an
+Error Comment and a logged reason.
 """
 
 from __future__ import annotations
 
+import hashlib
 import ssl
 import threading
 import time
@@ -16,6 +21,7 @@ import uuid
 import weakref
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 
 import structlog
 from pydicom.dataset import Dataset
@@ -60,7 +66,7 @@ from daemon.metrics import Metrics
 from daemon.spool import Spool, is_valid_uid
 from daemon.statuses import StoreStatus, status_dataset
 from db import queue
-from db.engine import unit_of_work
+from db.engine import read_only, unit_of_work
 
 log = structlog.get_logger("opacityd.receiver")
 
@@ -297,21 +303,8 @@ class Receiver:
                           f"cannot parse header ({type(e).__name__})", study_uid, sop_uid) from e
 
         keep = verdict.eligible or self.config.receiver.ineligible_instances == "keep"
-        relative = self.spool.relative_path(study_uid, uids["SeriesInstanceUID"], sop_uid) if keep else None
         body = event.encoded_dataset(include_meta=False)
-        if relative is not None:
-            meta = DicomBytesIO()
-            meta.is_little_endian, meta.is_implicit_VR = True, False
-            write_file_meta_info(meta, event.file_meta, enforce_standard=True)
-            try:
-                self.spool.write(relative, [b"\x00" * 128, b"DICM", meta.getvalue(), body])
-            except SpoolFullError as e:
-                raise Refusal(StoreStatus.OUT_OF_RESOURCES, "spool_full", "out of disk space",
-                              study_uid, sop_uid) from e
-            except SpoolError as e:
-                raise Refusal(StoreStatus.OUT_OF_RESOURCES, "spool_error", str(e),
-                              study_uid, sop_uid) from e
-
+        temp = self._write_temp(event, uids, body) if keep else None
         record = queue.InstanceRecord(
             study_uid=study_uid, series_uid=uids["SeriesInstanceUID"], sop_instance_uid=sop_uid,
             sop_class_uid=uids["SOPClassUID"],
@@ -320,23 +313,107 @@ class Receiver:
             body_part=(header["BodyPartExamined"] or "")[:64] or None,
             view_position=(header["ViewPosition"] or "")[:16] or None,
             accession_number=accession, eligible=verdict.eligible,
-            eligibility_reason=verdict.reason.value, spool_path=relative,
+            eligibility_reason=verdict.reason.value, spool_path=None,
             size_bytes=len(body), calling_ae=calling,
+            content_hash=hashlib.sha256(body).hexdigest(),
         )
-        try:
-            with unit_of_work(self.sessions) as session:
-                outcome = queue.record_instance(session, record, utcnow())
-        except SQLAlchemyError as e:
-            if relative is not None:
-                self.spool.remove(relative)
-            raise Refusal(StoreStatus.OUT_OF_RESOURCES, "database_error",
-                          f"database unavailable ({type(e).__name__})", study_uid, sop_uid) from e
-        log.info("instance_stored", sop_instance_uid=sop_uid, outcome=outcome.value,
-                 eligible=verdict.eligible, reason=verdict.reason.value, kept=relative is not None,
-                 bytes=len(body), ms=round((time.perf_counter() - started) * 1000, 1))
+        stored = self._record(record, temp)
+        policy = self.config.receiver.duplicate_policy
+        if stored.outcome in (queue.StoreOutcome.CONFLICT_KEPT_FIRST,
+                              queue.StoreOutcome.NEW_VERSION):
+            log.warning("instance_conflict", sop_instance_uid=sop_uid, policy=policy,
+                        held_hash=(stored.held_hash or "")[:queue.HASH_PREFIX],
+                        received_hash=(record.content_hash or "")[:queue.HASH_PREFIX],
+                        version=stored.version, reopened=stored.reopened)
+            if self.metrics is not None:
+                self.metrics.duplicate_conflicts.labels(policy).inc()
+        log.info("instance_stored", sop_instance_uid=sop_uid, outcome=stored.outcome.value,
+                 version=stored.version, eligible=verdict.eligible, reason=verdict.reason.value,
+                 kept=stored.spool_path is not None, reopened=stored.reopened, bytes=len(body),
+                 ms=round((time.perf_counter() - started) * 1000, 1))
         if self.metrics is not None:
             self.metrics.received.labels(str(verdict.eligible).lower(), verdict.reason.value).inc()
         return status_dataset(StoreStatus.SUCCESS)
+
+    def _write_temp(self, event: Event, uids: dict[str, str], body: bytes) -> Path:
+        """The received instance as a durable temporary spool file, or a 0xA700 Refusal."""
+        study_uid, sop_uid = uids["StudyInstanceUID"], uids["SOPInstanceUID"]
+        meta = DicomBytesIO()
+        meta.is_little_endian, meta.is_implicit_VR = True, False
+        write_file_meta_info(meta, event.file_meta, enforce_standard=True)
+        try:
+            return self.spool.write_temp(study_uid, uids["SeriesInstanceUID"], sop_uid,
+                                         [b"\x00" * 128, b"DICM", meta.getvalue(), body])
+        except SpoolFullError as e:
+            raise Refusal(StoreStatus.OUT_OF_RESOURCES, "spool_full", "out of disk space",
+                          study_uid, sop_uid) from e
+        except SpoolError as e:
+            raise Refusal(StoreStatus.OUT_OF_RESOURCES, "spool_error", str(e),
+                          study_uid, sop_uid) from e
+
+    def _record(self, record: queue.InstanceRecord, temp: Path | None) -> queue.Stored:
+        """Let the database decide NEW or DUPLICATE and record it, placing the file if kept.
+
+        One transaction: the decision, the link of ``temp`` under a free name (never over
+        an existing file), the row, the commit. Whatever happens, the temporary file goes
+        and so does every name this call linked that no committed row points to; a file
+        of an earlier C-STORE is never touched. Raises a 0xA700 :class:`Refusal` when the
+        database or the spool fails.
+        """
+        placed: list[str] = []
+
+        def place(version: int) -> str | None:
+            if temp is None:
+                return None
+            relative = self.spool.place(temp, record.study_uid, record.series_uid,
+                                        record.sop_instance_uid, version)
+            placed.append(relative)
+            return relative
+
+        keep: str | None = None
+        committing = False
+        try:
+            with self.sessions() as session:
+                with session.begin():
+                    stored = queue.record_instance(
+                        session, record, utcnow(), policy=self.config.receiver.duplicate_policy,
+                        place=place)
+                    committing = True
+                keep = stored.spool_path
+            return stored
+        except SQLAlchemyError as e:
+            if committing:
+                keep = self._recorded_after_failed_commit(placed)
+            raise Refusal(StoreStatus.OUT_OF_RESOURCES, "database_error",
+                          f"database unavailable ({type(e).__name__})", record.study_uid,
+                          record.sop_instance_uid) from e
+        except SpoolFullError as e:
+            raise Refusal(StoreStatus.OUT_OF_RESOURCES, "spool_full", "out of disk space",
+                          record.study_uid, record.sop_instance_uid) from e
+        except SpoolError as e:
+            raise Refusal(StoreStatus.OUT_OF_RESOURCES, "spool_error", str(e),
+                          record.study_uid, record.sop_instance_uid) from e
+        finally:
+            if temp is not None:
+                self.spool.discard(temp)
+            for relative in placed:
+                if relative != keep:
+                    self.spool.discard(self.spool.absolute(relative))
+
+    def _recorded_after_failed_commit(self, placed: list[str]) -> str | None:
+        """After a COMMIT that raised (its outcome unknown on a client-server database): the
+        placed name a committed row points to, if any. When even that cannot be read, the
+        last placed name is kept: an orphan file costs disk, a removed acknowledged one a loss."""
+        if not placed:
+            return None
+        try:
+            with read_only(self.sessions) as session:
+                recorded = queue.recorded_spool_paths(session, placed)
+        except SQLAlchemyError as e:
+            log.warning("spool_file_kept_commit_unknown", spool_path=placed[-1],
+                        error=type(e).__name__)
+            return placed[-1]
+        return next(iter(recorded), None)
 
     def _refuse(self, refusal: Refusal, calling: str) -> Dataset:
         log.warning("instance_refused", status=f"0x{int(refusal.status):04X}",

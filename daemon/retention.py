@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from daemon.config import Config
 from daemon.spool import Spool
 from db import retention
-from db.engine import unit_of_work
+from db.engine import read_only, unit_of_work
 
 log = structlog.get_logger("opacityd.retention")
 
@@ -30,7 +30,8 @@ def purge(config: Config, sessions: sessionmaker[Session], spool: Spool, *, dry_
     """Delete what may go (or only list it, with ``dry_run``); rows are marked after deletion,
     so a crash in between leaves a file already gone, which the next run marks."""
     r = config.retention
-    with unit_of_work(sessions) as session:
+    # The scan only reads (no write lock, so receiving goes on); marking is a write.
+    with read_only(sessions) as session:
         found = retention.candidates(session, datetime.now(UTC), r.delivered_hours, r.ineligible_hours)
     summary = PurgeSummary(len(found), sum(c.size_bytes for c in found),
                            len({c.study_uid for c in found}), found)

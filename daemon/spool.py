@@ -1,8 +1,13 @@
 """Durable spool of received instances: ``<study>/<series>/<sop>.dcm``.
 
-A file is written to a temporary name in its final folder, fsynced, renamed
-into place and the folder fsynced, so after a crash a spool file is either
-complete or absent. Temporary files left by a crash are removed at start-up.
+A received instance is written to a temporary name in its final folder and
+fsynced (:meth:`Spool.write_temp`); once the database has decided to keep it,
+:meth:`Spool.place` links it under a name that nobody holds and fsyncs the
+folder. Linking fails instead of replacing, so an acknowledged file is never
+overwritten: when ``<sop>.dcm`` is taken (a kept second version, or a file left
+by a crash) the new copy gets ``<sop>.v<version>.<token>.dcm``. After a crash
+a spool file is either complete or absent; temporary files left by a crash are
+removed at start-up.
 """
 
 from __future__ import annotations
@@ -27,6 +32,12 @@ def is_valid_uid(value: str) -> bool:
     return 0 < len(value) <= 64 and bool(_UID.match(value))
 
 
+def _spool_error(e: OSError, what: str) -> SpoolError:
+    if e.errno in _FULL:
+        return SpoolFullError(f"spool file system is full ({e.strerror})")
+    return SpoolError(f"{what}: {e.strerror}")
+
+
 class Spool:
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -40,8 +51,65 @@ class Spool:
     def absolute(self, relative: str) -> Path:
         return self.root / relative
 
+    def write_temp(self, study_uid: str, series_uid: str, sop_uid: str,
+                   chunks: Sequence[bytes | memoryview]) -> Path:
+        """Write ``chunks`` durably to a new temporary file in the instance's folder.
+
+        Returns its path; the caller places it (:meth:`place`) or discards it
+        (:meth:`discard`). Raises :class:`SpoolFullError` when the file system is
+        full and :class:`SpoolError` for any other I/O failure; nothing is left
+        behind then.
+        """
+        target = self.root / self.relative_path(study_uid, series_uid, sop_uid)
+        temp = target.with_name(f".{target.name}.{uuid.uuid4().hex}{TEMP_SUFFIX}")
+        try:
+            self._make_dirs(temp.parent)
+            self._write_new(temp, chunks)
+        except OSError as e:
+            temp.unlink(missing_ok=True)
+            raise _spool_error(e, "cannot write spool file") from e
+        return temp
+
+    def place(self, temp: Path, study_uid: str, series_uid: str, sop_uid: str,
+              version: int) -> str:
+        """Give the temporary file ``temp`` a final name; returns it relative to the root.
+
+        The name is ``<sop>.dcm`` when free, else ``<sop>.v<version>.<token>.dcm``.
+        A hard link never replaces an existing name (it fails with EEXIST), so a
+        file that a committed row points to is never touched. The folder is
+        fsynced; ``temp`` stays until :meth:`discard`. Raises :class:`SpoolError`
+        (or :class:`SpoolFullError`) when the link or the fsync fails; a name
+        already linked is then removed again.
+        """
+        preferred = self.relative_path(study_uid, series_uid, sop_uid)
+        folder = preferred.rsplit("/", 1)[0]
+        names = [preferred]
+        names += [f"{folder}/{sop_uid}.v{version}.{uuid.uuid4().hex[:12]}.dcm" for _ in range(3)]
+        for relative in names:
+            try:
+                os.link(temp, self.root / relative)
+            except FileExistsError:
+                continue
+            except OSError as e:
+                raise _spool_error(e, "cannot place spool file") from e
+            try:
+                fsync_dir((self.root / relative).parent)
+            except OSError as e:
+                self.discard(self.root / relative)
+                raise _spool_error(e, "cannot place spool file") from e
+            return relative
+        raise SpoolError(f"no free name for a spool file of version {version}")
+
+    @staticmethod
+    def discard(path: Path) -> None:
+        """Remove a file that the caller itself created (a temp file or a name it placed)."""
+        path.unlink(missing_ok=True)
+
     def write(self, relative: str, chunks: Sequence[bytes | memoryview]) -> None:
         """Write ``chunks`` durably at ``relative``; replaces an existing file atomically.
+
+        For files whose name is derived from their content (SRs). Received instances go
+        through :meth:`write_temp` and :meth:`place`, which never replace anything.
 
         Raises :class:`SpoolFullError` when the file system is full (nothing is
         left behind) and :class:`SpoolError` for any other I/O failure.
@@ -50,23 +118,25 @@ class Spool:
         temp = target.with_name(f".{target.name}.{uuid.uuid4().hex}{TEMP_SUFFIX}")
         try:
             self._make_dirs(target.parent)
-            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
-            try:
-                for chunk in chunks:
-                    view = memoryview(chunk)
-                    while view:
-                        written = os.write(fd, view)
-                        view = view[written:]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            self._write_new(temp, chunks)
             os.replace(temp, target)
             fsync_dir(target.parent)
         except OSError as e:
             temp.unlink(missing_ok=True)
-            if e.errno in _FULL:
-                raise SpoolFullError(f"spool file system is full ({e.strerror})") from e
-            raise SpoolError(f"cannot write spool file: {e.strerror}") from e
+            raise _spool_error(e, "cannot write spool file") from e
+
+    @staticmethod
+    def _write_new(path: Path, chunks: Sequence[bytes | memoryview]) -> None:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        try:
+            for chunk in chunks:
+                view = memoryview(chunk)
+                while view:
+                    written = os.write(fd, view)
+                    view = view[written:]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def remove(self, relative: str) -> None:
         (self.root / relative).unlink(missing_ok=True)

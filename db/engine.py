@@ -5,6 +5,11 @@ passes it down. SQLite gets WAL, ``synchronous=FULL`` (a committed row survives
 power loss, which is what a C-STORE success promises), foreign keys, a busy
 timeout, and ``BEGIN IMMEDIATE`` so that concurrent writers queue on the busy
 timeout instead of failing when a read transaction upgrades to a write.
+
+Read-only work (metrics, health, listings, the worklist, retention's scans) uses
+:func:`read_only` instead of :func:`unit_of_work`: a deferred ``BEGIN`` on SQLite,
+which in WAL mode reads a snapshot and never takes or waits for the write lock,
+and ``SET TRANSACTION READ ONLY`` on PostgreSQL. Reading never blocks receiving.
 """
 
 from __future__ import annotations
@@ -18,6 +23,9 @@ import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
+
+READ_ONLY_OPTION = "opacityd_read_only"
+"""Execution option marking a connection whose transactions only read (see :func:`read_only`)."""
 
 
 def create_db_engine(url: str, busy_timeout_ms: int = 10_000) -> Engine:
@@ -47,7 +55,12 @@ def create_db_engine(url: str, busy_timeout_ms: int = 10_000) -> Engine:
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: sa.Connection) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        # A reader takes no lock up front (WAL gives it a snapshot); a writer takes the write
+        # lock at BEGIN, so it waits on busy_timeout rather than failing on an upgrade.
+        if conn.get_execution_options().get(READ_ONLY_OPTION):
+            conn.exec_driver_sql("BEGIN")
+        else:
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
 
     return engine
 
@@ -61,6 +74,36 @@ def unit_of_work(factory: sessionmaker[Session]) -> Iterator[Session]:
     """One session and one transaction: committed on success, rolled back on error."""
     with factory() as session, session.begin():
         yield session
+
+
+@contextmanager
+def read_only(factory: sessionmaker[Session]) -> Iterator[Session]:
+    """One session in a transaction that only reads and takes no write lock.
+
+    SQLite: a deferred ``BEGIN`` (a WAL snapshot; never waits for a writer, never holds
+    one up). PostgreSQL: ``SET TRANSACTION READ ONLY`` (the server refuses any write).
+    The transaction is rolled back at the end, so nothing done inside it is kept; only
+    reads belong here (a write would have to take the lock that this avoids). Objects
+    loaded inside stay readable afterwards (detached, not expired).
+    """
+    bind = factory.kw["bind"]
+    # Closing the session ends the transaction (a rollback) without expiring what was
+    # loaded, so objects read inside stay readable after the block.
+    with factory(bind=bind.execution_options(**{READ_ONLY_OPTION: True})) as session:
+        session.begin()
+        if bind.dialect.name == "postgresql":
+            session.execute(sa.text("SET TRANSACTION READ ONLY"))
+        yield session
+
+
+@contextmanager
+def read_only_connection(engine: Engine) -> Iterator[sa.Connection]:
+    """A Core connection whose transactions begin as :func:`read_only`'s do."""
+    with engine.connect() as conn:
+        conn.execution_options(**{READ_ONLY_OPTION: True})
+        if engine.dialect.name == "postgresql":
+            conn.exec_driver_sql("SET TRANSACTION READ ONLY")
+        yield conn
 
 
 def sqlite_pragmas(engine: Engine) -> dict[str, Any]:

@@ -40,6 +40,8 @@ class DeliveryState(enum.StrEnum):
 class AuditAction(enum.StrEnum):
     INSTANCE_RECEIVED = "instance_received"
     INSTANCE_DUPLICATE = "instance_duplicate"
+    INSTANCE_CONFLICT = "instance_conflict"
+    """A re-sent SOP Instance UID with other bytes (detail: both hashes, the policy applied)."""
     INSTANCE_REFUSED = "instance_refused"
     ASSOCIATION_REJECTED = "association_rejected"
     STUDY_COMPLETED = "study_completed"
