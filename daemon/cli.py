@@ -19,7 +19,7 @@ from daemon.exceptions import ConfigError
 from daemon.logs import configure_logging
 from daemon.output import emit
 from db import deliveries, jobs, migrate, queue
-from db.engine import create_db_engine, make_session_factory, unit_of_work
+from db.engine import create_db_engine, make_session_factory, read_only, unit_of_work
 from db.states import DeliveryState
 
 EXIT_OK, EXIT_ERROR, EXIT_CONFIG = 0, 1, 2
@@ -134,7 +134,7 @@ def _open_sessions(config: Config) -> tuple[Engine, sessionmaker[Session]]:
 
 def _status(args: argparse.Namespace, config: Config) -> int:
     engine, sessions = _open_sessions(config)
-    with unit_of_work(sessions) as session:
+    with read_only(sessions) as session:
         counts = queue.state_counts(session)
     engine.dispose()
     if args.json:
@@ -163,8 +163,9 @@ def _queue_command(args: argparse.Namespace, config: Config) -> int:
                 emit(f"re-queued {count} delivery(ies) of the latest SR" if count
                       else "no SR recorded for that study")
                 return EXIT_OK if count else EXIT_ERROR
-            states = tuple(DeliveryState) if args.all else (DeliveryState.PENDING,
-                                                             DeliveryState.FAILED)
+        states = tuple(DeliveryState) if args.all else (DeliveryState.PENDING,
+                                                         DeliveryState.FAILED)
+        with read_only(sessions) as session:
             rows = deliveries.listing(session, states)
     finally:
         engine.dispose()
@@ -184,7 +185,7 @@ def _queue_command(args: argparse.Namespace, config: Config) -> int:
 
 def _studies(args: argparse.Namespace, config: Config) -> int:
     engine, sessions = _open_sessions(config)
-    with unit_of_work(sessions) as session:
+    with read_only(sessions) as session:
         rows = queue.recent_studies(session, args.limit)
     engine.dispose()
     if args.json:

@@ -15,6 +15,8 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy.engine import Engine
 
+from db.engine import read_only_connection
+
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 
 
@@ -25,7 +27,8 @@ def _alembic_config() -> AlembicConfig:
 
 
 def current_revision(engine: Engine) -> str | None:
-    with engine.connect() as conn:
+    """The schema's revision, read without the write lock (every CLI command asks)."""
+    with read_only_connection(engine) as conn:
         return MigrationContext.configure(conn).get_current_revision()
 
 
