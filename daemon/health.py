@@ -27,17 +27,20 @@ class Check:
 
 
 class Health:
-    """``liveness`` gates the watchdog (a restart would help); ``readiness`` adds the model and
-    the disk watermark (a restart would not help, but senders should know)."""
+    """``liveness`` gates the watchdog (a restart would help); ``readiness`` adds the model,
+    the supervised worker (failing while it keeps dying) and the disk watermark (a restart
+    of `serve` would not help, but senders and operators should know)."""
 
     def __init__(self, sessions: sessionmaker[Session], disk: DiskGuard,
                  scheduler_running: Callable[[], bool], receiver_listening: Callable[[], bool],
-                 model_loaded: Callable[[], Check]) -> None:
+                 model_loaded: Callable[[], Check],
+                 worker: Callable[[], Check] | None = None) -> None:
         self.sessions = sessions
         self.disk = disk
         self.scheduler_running = scheduler_running
         self.receiver_listening = receiver_listening
         self.model_loaded = model_loaded
+        self.worker = worker
 
     def _database(self) -> Check:
         try:
@@ -58,6 +61,8 @@ class Health:
     def readiness(self) -> dict[str, Check]:
         checks = self.liveness()
         checks["model"] = self.model_loaded()
+        if self.worker is not None:
+            checks["worker"] = self.worker()
         free = self.disk.free_bytes()
         watermark = self.disk.min_free_bytes
         detail = f"{free // 2**20} MB free, watermark {watermark // 2**20} MB"

@@ -17,14 +17,20 @@ import ctypes
 import ctypes.util
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
 
 import structlog
+from prometheus_client import CollectorRegistry, Counter, Gauge
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
 
 from daemon.config import Config
 from daemon.disk import DiskGuard
@@ -37,8 +43,8 @@ from daemon.report import with_threshold_overrides
 from daemon.scheduler import build_scheduler
 from daemon.spool import Spool
 from daemon.systemd import notify, watchdog_interval_s
-from db import migrate
-from db.engine import create_db_engine, make_session_factory
+from db import jobs, migrate
+from db.engine import create_db_engine, make_session_factory, unit_of_work
 from model.errors import BundleError
 from model.manifest import Manifest, read_manifest
 
@@ -58,11 +64,36 @@ def _die_with_parent() -> None:
         pass  # not Linux: the orphaned worker is harmless, claims are leased
 
 
-class WorkerSupervisor:
-    """Runs `opacityd worker` as a child process and restarts it when it dies."""
+def exit_status(code: int) -> str:
+    """A child's exit as an operator reads it: ``exit 1`` or the signal's name (``SIGKILL``)."""
+    if code < 0:
+        try:
+            return signal.Signals(-code).name
+        except ValueError:
+            return f"signal {-code}"
+    return f"exit {code}"
 
-    def __init__(self, config: Config) -> None:
+
+class WorkerSupervisor:
+    """Runs `opacityd worker` as a child process and restarts it when it dies.
+
+    A dead worker's jobs go back to the queue at once (its leases are released, the attempt
+    stays counted), and it is restarted after a capped exponential backoff
+    (``config.worker.restart``): each death within ``worker.restart_max_s`` of its start
+    doubles the wait; a worker that stayed up that long starts the count afresh.
+    ``health`` (in /readyz) and ``opacityd_worker_restarts_total`` /
+    ``opacityd_worker_quick_deaths`` show a worker that keeps dying.
+    """
+
+    KEEPS_DYING = 3
+    """Quick deaths in a row from which /readyz reports the worker as failing."""
+
+    def __init__(self, config: Config, sessions: sessionmaker[Session] | None = None,
+                 registry: CollectorRegistry | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
+        self.sessions = sessions
+        self.clock = clock
         run_dir = config.state_dir / "run"
         for stale in run_dir.glob("worker-*.ready") if run_dir.is_dir() else ():
             stale.unlink(missing_ok=True)
@@ -72,26 +103,114 @@ class WorkerSupervisor:
         self.argv.append("worker")
         self.env = {**os.environ, "OPACITYD_STATE_DIR": str(config.state_dir),
                     "OPACITYD_MODEL": config.model.bundle}
+        self.policy = config.worker.restart
+        self.stable_s = config.worker.restart_max_s
+        self.host = socket.gethostname()
         self.proc: subprocess.Popen[bytes] | None = None
+        self.started_at = 0.0
+        self.restart_at: float | None = None
         self.restarts = 0
+        self.quick_deaths = 0
+        self.last_exit: str | None = None
+        self._restarts_metric = Counter(
+            "opacityd_worker_restarts", "Worker processes restarted by serve after they died",
+            registry=registry) if registry is not None else None
+        self._quick_deaths_metric = Gauge(
+            "opacityd_worker_quick_deaths", "Deaths in a row of the worker, each soon after its "
+            "start (0 once a worker stays up)", registry=registry) if registry is not None else None
         self._start()
 
     def _start(self) -> None:
-        self.proc = subprocess.Popen(self.argv, env=self.env, preexec_fn=_die_with_parent)
-        log.info("worker_process_started", pid=self.proc.pid, restarts=self.restarts)
+        self.started_at = self.clock()
+        try:
+            self.proc = subprocess.Popen(self.argv, env=self.env, preexec_fn=_die_with_parent)
+        except OSError as e:
+            self.proc = None
+            self._schedule_restart(f"not started: {type(e).__name__}")
+            return
+        log.info("worker_process_started", pid=self.proc.pid, restarts=self.restarts,
+                 quick_deaths=self.quick_deaths)
 
     def model_loaded(self) -> Check:
         if self.proc is None or self.proc.poll() is not None:
-            return Check(False, "worker process not running (restarting)")
+            wait = "" if self.restart_at is None else \
+                f" in {max(0.0, self.restart_at - self.clock()):.1f} s"
+            return Check(False, f"worker process not running (last exit {self.last_exit}; "
+                                f"restarting{wait})")
         if not ready_marker(self.config, self.proc.pid).exists():
             return Check(False, f"worker {self.proc.pid} is loading the model")
         return Check(True, f"worker {self.proc.pid} has the model loaded")
 
+    def health(self) -> Check:
+        """Failing while the worker keeps dying soon after each start."""
+        detail = (f"{self.restarts} restarts; {self.quick_deaths} quick deaths in a row"
+                  + (f"; last exit {self.last_exit}" if self.last_exit else ""))
+        if self.quick_deaths >= self.KEEPS_DYING:
+            return Check(False, f"worker keeps dying: {detail}")
+        return Check(True, detail)
+
     def check(self) -> None:
-        if self.proc is not None and self.proc.poll() is not None:
-            log.error("worker_process_exited", code=self.proc.returncode, restarting=True)
+        """Called every tick: notice a dead worker (release its jobs, schedule the restart),
+        restart it when its backoff is over, and forget quick deaths once one stays up."""
+        if self.proc is not None:
+            code = self.proc.poll()
+            if code is None:
+                if self.quick_deaths and self.clock() - self.started_at >= self.stable_s:
+                    log.info("worker_process_stable", pid=self.proc.pid,
+                             quick_deaths_before=self.quick_deaths)
+                    self._set_quick_deaths(0)
+                return
+            self._on_exit(self.proc.pid, code)
+        if self.restart_at is not None and self.clock() >= self.restart_at:
+            self.restart_at = None
             self.restarts += 1
+            if self._restarts_metric is not None:
+                self._restarts_metric.inc()
             self._start()
+
+    def _on_exit(self, pid: int, code: int) -> None:
+        self.proc = None
+        uptime = self.clock() - self.started_at
+        self.last_exit = exit_status(code)
+        ready_marker(self.config, pid).unlink(missing_ok=True)
+        log.error("worker_process_exited", pid=pid, code=code, status=self.last_exit,
+                  uptime_s=round(uptime, 1))
+        self.release_leases(pid)
+        if uptime >= self.stable_s:
+            self._set_quick_deaths(0)
+        self._schedule_restart(self.last_exit)
+
+    def _schedule_restart(self, why: str) -> None:
+        self._set_quick_deaths(self.quick_deaths + 1)
+        delay = self.policy.delay_s(self.quick_deaths)
+        self.restart_at = self.clock() + delay
+        log.warning("worker_restart_scheduled", after=why, restart_in_s=round(delay, 2),
+                    quick_deaths=self.quick_deaths, restarts=self.restarts)
+
+    def _set_quick_deaths(self, value: int) -> None:
+        self.quick_deaths = value
+        if self._quick_deaths_metric is not None:
+            self._quick_deaths_metric.set(value)
+
+    def release_leases(self, pid: int) -> None:
+        """Put the RUNNING jobs of the dead worker ``pid`` back in the queue (or end them
+        ``abandoned`` on their last attempt). When the database does not answer, the leases
+        simply expire and another claim retries them."""
+        if self.sessions is None:
+            return
+        try:
+            with unit_of_work(self.sessions) as session:
+                requeued, abandoned = jobs.release_leases(
+                    session, f"{self.host}:{pid}:", datetime.now(UTC),
+                    self.config.worker.retry.max_attempts, actor="serve")
+        except SQLAlchemyError as e:
+            log.error("worker_leases_not_released", pid=pid, error=type(e).__name__)
+            return
+        if requeued:
+            log.warning("worker_leases_released", pid=pid, jobs=requeued)
+        for job in abandoned:
+            log.critical("job_abandoned", study_uid=job.study_uid, job_id=job.job_id,
+                         attempts=job.attempts, reason=jobs.FailureReason.ABANDONED.value, pid=pid)
 
     def stop(self, grace_s: float) -> None:
         if self.proc is None or self.proc.poll() is not None:
@@ -102,6 +221,7 @@ class WorkerSupervisor:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+            self.release_leases(self.proc.pid)
 
 
 def check_model(config: Config) -> Manifest:
@@ -185,10 +305,11 @@ def serve(config: Config) -> int:
     receiver = Receiver(config, sessions, spool, disk, metrics)
     scheduler = build_scheduler(config, sessions, spool)
     scheduler.start()
-    worker = WorkerSupervisor(config) if config.worker.embedded else None
+    worker = WorkerSupervisor(config, sessions, metrics.registry) if config.worker.embedded else None
     health = Health(sessions, disk, lambda: bool(scheduler.running), lambda: receiver.server is not None,
                     worker.model_loaded if worker is not None
-                    else lambda: Check(True, "separate worker services; bundle manifest valid"))
+                    else lambda: Check(True, "separate worker services; bundle manifest valid"),
+                    worker=worker.health if worker is not None else None)
     http = HttpApi(config, sessions, health, metrics) if config.http.enabled else None
     try:
         receiver.start()

@@ -1,0 +1,478 @@
+"""Faults inside the worker, with the real `opacityd serve` / `opacityd worker` processes and real
+peers (DCMTK storescu as modality, storescp as PACS): a network that raises on one image, an SR
+builder that raises on a header, a full disk when the SR is written, a spool file corrupted after
+its acknowledgement, kill -9 of the worker while it writes SRs, and a worker that vanishes on
+every attempt. Each time the worker goes on, every other study ends with exactly one SR at the
+PACS, and the faulty one with a recorded reason (never a header value)."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import errno
+import json
+import os
+import signal
+import subprocess
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.orm import Session, sessionmaker
+
+from daemon.config import Config, load_config
+from db.engine import create_db_engine, make_session_factory, unit_of_work
+from db.models import AuditEvent, Delivery, Instance, Job, Result, Study
+from db.states import AuditAction, DeliveryState, JobState
+from tests.conftest import OPACITYD, Pacs, free_port, mounted_tmpfs, storescu, wait_until
+from tests.daemon_process import DaemonProcess, start_daemon
+from tests.factories import SENTINEL_PHI, make_dx
+
+SIZE = 71
+MARKER_CORNER = 24
+"""A marked image has its top-left MARKER_CORNER x MARKER_CORNER pixels at full intensity."""
+
+
+@pytest.fixture(scope="session")
+def faulty_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real, loadable bundle whose network raises on a marked image.
+
+    Only standard Keras layers: the mean of the input's top-left corner picks a row of an
+    Embedding of 10 rows. After equalize_hist a marked image's corner is the brightest part of
+    the image (network input 1.0, row 10: out of range), and TensorFlow's gather on CPU raises
+    InvalidArgumentError. Unmarked images give rows 0..9; their score comes from the other branch.
+    """
+    import keras
+
+    from model.bundle import save_bundle
+    from model.preprocess import PreprocessSpec
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input(shape=(SIZE, SIZE, 3), name="image")
+    logits = keras.layers.Dense(2, name="logits")(keras.layers.GlobalAveragePooling2D()(inputs))
+    corner = keras.layers.Cropping2D(((0, SIZE - 4), (0, SIZE - 4)), name="corner")(inputs)
+    corner = keras.layers.GlobalAveragePooling2D(name="corner_mean")(corner)
+    row = keras.layers.Rescaling(scale=5.0, offset=5.5, name="marker_row")(corner)
+    trap = keras.layers.Flatten()(keras.layers.Embedding(10, 2, name="marker_trap")(row))
+    trap = keras.layers.Dense(2, kernel_initializer="zeros", use_bias=False, name="trap_out")(trap)
+    outputs = keras.layers.Activation("softmax", name="probabilities")(
+        keras.layers.Add()([logits, trap]))
+    bundle = tmp_path_factory.mktemp("faulty") / "bundle"
+    save_bundle(keras.Model(inputs, outputs), bundle, name="opacity-faulty-TEST", version="0.0.1",
+                spec=dataclasses.replace(PreprocessSpec(), input_size=SIZE))
+    return bundle
+
+
+def _marked(seed: int) -> pydicom.Dataset:
+    ds = make_dx(128, 128, seed=seed)
+    pixels = np.frombuffer(ds.PixelData, dtype=np.uint16).reshape(128, 128).copy()
+    pixels[:MARKER_CORNER, :MARKER_CORNER] = 0xFFFF
+    ds.PixelData = pixels.tobytes()
+    return ds
+
+
+class WorkerProcess:
+    """`opacityd worker` as its own process (``worker.embedded = false`` in the config)."""
+
+    def __init__(self, config: Path, log: Path) -> None:
+        self.config, self.log_path = config, log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> WorkerProcess:
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen([OPACITYD, "--config", str(self.config), "worker"],
+                                         stdout=log, stderr=subprocess.STDOUT,
+                                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        return self
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def terminate(self) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=60)
+
+    def ensure_stopped(self) -> None:
+        if self.alive():
+            assert self.proc is not None
+            self.proc.kill()
+            self.proc.wait(timeout=30)
+
+
+@pytest.fixture
+def workers() -> Iterator[list[WorkerProcess]]:
+    started: list[WorkerProcess] = []
+    yield started
+    for w in started:
+        w.ensure_stopped()
+
+
+@pytest.fixture
+def pacs(tmp_path: Path) -> Iterator[Pacs]:
+    """storescp keeping a new file per receipt (+uf), so an SR received twice is seen twice."""
+    p = Pacs(tmp_path / "pacs", free_port(), options=("+uf",)).start()
+    yield p
+    p.stop()
+
+
+def _extra(pacs: Pacs, receiver: str = "", **worker: object) -> str:
+    settings = {"poll_interval_s": 0.2, "lease_s": 30.0, "retry_base_s": 0.3, "retry_max_s": 1.0,
+                "restart_base_s": 0.3, "restart_max_s": 30.0, **worker}
+    lines = "\n".join(f"{key} = {json.dumps(value)}" for key, value in settings.items())
+    return (f"{receiver}\n[[destinations]]\nname = \"pacs\"\nhost = \"127.0.0.1\"\n"
+            f"port = {pacs.port}\ncalled_ae = \"PACS\"\ncalling_ae = \"OPACITYD\"\n"
+            "[delivery]\npoll_interval_s = 0.2\nretry_base_s = 0.3\nretry_max_s = 1.0\n"
+            f"[worker]\n{lines}\n")
+
+
+@dataclasses.dataclass
+class Db:
+    config: Config
+    sessions: sessionmaker[Session]
+
+    def query(self, statement: Any) -> list[Any]:
+        with unit_of_work(self.sessions) as s:
+            return list(s.execute(statement).all())
+
+    def jobs(self) -> dict[str, tuple[JobState, str | None, str | None, int]]:
+        """study UID -> (state, failure_reason, last_error, attempts) of its latest job."""
+        rows = self.query(sa.select(Study.study_uid, Job.state, Job.failure_reason, Job.last_error,
+                                    Job.attempts).join(Study, Study.id == Job.study_id)
+                          .order_by(Job.id))
+        return {uid: (state, reason, error, attempts) for uid, state, reason, error, attempts in rows}
+
+    def settled(self, studies: int) -> bool:
+        """Every one of ``studies`` jobs is done or failed, and every delivery delivered."""
+        jobs = self.jobs()
+        deliveries = self.query(sa.select(Delivery.state))
+        return (len(jobs) == studies
+                and all(state in (JobState.DONE, JobState.FAILED) for state, *_ in jobs.values())
+                and all(state == DeliveryState.DELIVERED for (state,) in deliveries))
+
+
+@pytest.fixture
+def db_of() -> Iterator[Any]:
+    engines: list[Any] = []
+
+    def open_db(cfg: Path) -> Db:
+        config = load_config(cfg, env={})
+        engine = create_db_engine(config.database_url)
+        engines.append(engine)
+        return Db(config, make_session_factory(engine))
+    yield open_db
+    for engine in engines:
+        engine.dispose()
+
+
+def _store(port: int, folder: Path, datasets: list[pydicom.Dataset]) -> None:
+    """Send ``datasets`` in one association with DCMTK storescu; all must be acknowledged."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, ds in enumerate(datasets):
+        path = folder / f"{i:03d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    _, acks = storescu(port, paths)
+    assert acks == {path: "Success" for path in paths}
+
+
+def _srs_at(pacs: Pacs) -> collections.Counter[str]:
+    """How many SR files the PACS holds per study."""
+    found: collections.Counter[str] = collections.Counter()
+    for path in pacs.folder.iterdir():
+        if path.is_file():
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            if ds.Modality == "SR":
+                found[str(ds.StudyInstanceUID)] += 1
+    return found
+
+
+def _events(log: Path, name: str) -> list[dict[str, Any]]:
+    events = []
+    for line in log.read_text(errors="replace").splitlines():
+        if line.startswith("{"):
+            event = json.loads(line)
+            if event.get("event") == name:
+                events.append(event)
+    return events
+
+
+def _no_phi(*texts: str) -> None:
+    for text in texts:
+        for value in SENTINEL_PHI.values():
+            assert value not in text
+
+
+def _http(config: Config, path: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{config.http.port}{path}", timeout=10) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def _separate_worker(tmp_path: Path, daemons: list[DaemonProcess], pacs: Pacs, bundle: Path,
+                     **worker: object) -> tuple[DaemonProcess, Path]:
+    """`serve` without its embedded worker: the test starts `opacityd worker` once every job is
+    queued, so that they are claimed as one batch."""
+    return start_daemon(tmp_path, daemons, _extra(pacs, embedded=False, **worker), bundle=bundle)
+
+
+def test_network_raising_on_one_image_fails_only_that_study_and_the_worker_goes_on(
+        tmp_path: Path, daemons: list[DaemonProcess], workers: list[WorkerProcess], pacs: Pacs,
+        faulty_bundle: Path, db_of: Any) -> None:
+    daemon, cfg = _separate_worker(tmp_path, daemons, pacs, faulty_bundle)
+    db = db_of(cfg)
+    good = [make_dx(128, 128, seed=i) for i in range(3)]
+    marked = _marked(seed=7)
+    _store(daemon.port, tmp_path / "in", [good[0], marked, *good[1:]])
+    wait_until(lambda: len(db.query(sa.select(Job).where(Job.state == JobState.QUEUED))) == 4,
+               timeout=30, what="four queued jobs")
+    worker = WorkerProcess(cfg, tmp_path / "worker.log").start()
+    workers.append(worker)
+
+    wait_until(lambda: db.settled(4), timeout=120, what="every job settled and SR delivered")
+    jobs = db.jobs()
+    state, reason, error, _ = jobs[marked.StudyInstanceUID]
+    assert (state, reason) == (JobState.FAILED, "inference_error")
+    assert error is not None and "InvalidArgumentError" in error
+    assert all(jobs[ds.StudyInstanceUID][:2] == (JobState.DONE, None) for ds in good)
+    assert _srs_at(pacs) == {ds.StudyInstanceUID: 1 for ds in good}
+    (batch_failure,) = _events(worker.log_path, "batch_inference_failed")
+    assert batch_failure["images"] == 4  # one batch; the three others kept their scores
+    (failed,) = _events(worker.log_path, "job_failed")
+    assert failed["study_uid"] == marked.StudyInstanceUID and failed["reason"] == "inference_error"
+    assert "Traceback" in failed["exception"] and "InvalidArgumentError" in failed["exception"]
+
+    # The same worker process goes on scoring.
+    late = make_dx(128, 128, seed=11)
+    _store(daemon.port, tmp_path / "late", [late])
+    wait_until(lambda: db.settled(5), timeout=60, what="the late study scored")
+    assert db.jobs()[late.StudyInstanceUID][0] == JobState.DONE
+    assert worker.alive()
+    assert worker.terminate() == 0
+    assert daemon.terminate() == 0
+
+
+def test_sr_builder_raising_on_a_header_fails_only_that_study(
+        tmp_path: Path, daemons: list[DaemonProcess], workers: list[WorkerProcess], pacs: Pacs,
+        demo_bundle: Path, db_of: Any) -> None:
+    daemon, cfg = _separate_worker(tmp_path, daemons, pacs, demo_bundle)
+    db = db_of(cfg)
+    good = [make_dx(96, 96, seed=i) for i in range(2)]
+    odd = make_dx(96, 96, seed=5, phi={"PatientID": SENTINEL_PHI["PatientID"]})
+    odd.PatientName = [SENTINEL_PHI["PatientName"], "SECOND^NAME"]  # highdicom: TypeError
+    _store(daemon.port, tmp_path / "in", [good[0], odd, good[1]])
+    wait_until(lambda: len(db.query(sa.select(Job).where(Job.state == JobState.QUEUED))) == 3,
+               timeout=30, what="three queued jobs")
+    worker = WorkerProcess(cfg, tmp_path / "worker.log").start()
+    workers.append(worker)
+
+    wait_until(lambda: db.settled(3), timeout=120, what="every job settled and SR delivered")
+    jobs = db.jobs()
+    state, reason, error, attempts = jobs[odd.StudyInstanceUID]
+    assert (state, reason, attempts) == (JobState.FAILED, "sr_build_failed", 1)  # permanent
+    assert error is not None and "TypeError" in error
+    assert all(jobs[ds.StudyInstanceUID][0] == JobState.DONE for ds in good)
+    assert _srs_at(pacs) == {ds.StudyInstanceUID: 1 for ds in good}
+    (failed,) = _events(worker.log_path, "job_failed")
+    assert failed["job_id"] and failed["reason"] == "sr_build_failed"
+    assert "build_sr" in failed["exception"]
+    audit = db.query(sa.select(AuditEvent.detail).where(AuditEvent.action == AuditAction.JOB_FAILED))
+    _no_phi(error, worker.log_path.read_text(), daemon.output(), *(d for (d,) in audit))
+    assert worker.alive()
+    assert worker.terminate() == 0
+
+
+def test_spool_file_corrupted_after_acknowledgement_fails_only_its_study(
+        tmp_path: Path, daemons: list[DaemonProcess], workers: list[WorkerProcess], pacs: Pacs,
+        demo_bundle: Path, db_of: Any) -> None:
+    daemon, cfg = _separate_worker(tmp_path, daemons, pacs, demo_bundle)
+    db = db_of(cfg)
+    studies = [make_dx(96, 96, seed=i) for i in range(3)]
+    _store(daemon.port, tmp_path / "in", studies)
+    victim = studies[1]
+    (relative,) = db.query(sa.select(Instance.spool_path)
+                           .where(Instance.sop_instance_uid == victim.SOPInstanceUID))[0]
+    db.config.spool_dir.joinpath(relative).write_bytes(b"\x00" * 64 + b"not a DICOM file any more")
+    wait_until(lambda: len(db.query(sa.select(Job).where(Job.state == JobState.QUEUED))) == 3,
+               timeout=30, what="three queued jobs")
+    worker = WorkerProcess(cfg, tmp_path / "worker.log").start()
+    workers.append(worker)
+
+    wait_until(lambda: db.settled(3), timeout=120, what="every job settled and SR delivered")
+    jobs = db.jobs()
+    state, reason, error, _ = jobs[victim.StudyInstanceUID]
+    assert (state, reason) == (JobState.FAILED, "spool_unreadable")
+    assert error == f"spooled instances unreadable: {victim.SOPInstanceUID} (not_readable)"
+    assert _srs_at(pacs) == {ds.StudyInstanceUID: 1 for ds in studies if ds is not victim}
+    assert worker.alive()
+    assert worker.terminate() == 0
+
+
+def _fill(path: Path) -> None:
+    """Write zeros at ``path`` until its file system is full."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    block = bytes(64 * 1024)
+    try:
+        while True:
+            try:
+                os.write(fd, block)
+            except OSError as e:
+                if e.errno != errno.ENOSPC:
+                    raise
+                if len(block) == 1:
+                    return
+                block = block[:len(block) // 2]
+    finally:
+        os.close(fd)
+
+
+def test_full_disk_when_the_sr_is_written_retries_and_one_sr_arrives_once_space_returns(
+        tmp_path: Path, daemons: list[DaemonProcess], pacs: Pacs, demo_bundle: Path,
+        db_of: Any) -> None:
+    with mounted_tmpfs(tmp_path / "d" / "state" / "spool", "2m") as spool:
+        daemon, cfg = start_daemon(tmp_path, daemons, _extra(pacs, "min_free_disk_mb = 0",
+                                                             max_attempts=50),
+                                   quiet_s=2.0, bundle=demo_bundle)
+        db = db_of(cfg)
+        studies = [make_dx(96, 96, seed=i) for i in range(2)]
+        _store(daemon.port, tmp_path / "in", studies)
+        filler = spool / "filler.bin"
+        _fill(filler)  # before the quiet period closes the studies: the SRs cannot be written
+
+        def write_failed() -> bool:
+            return any(reason == "sr_write_failed" and attempts >= 2
+                       for _, reason, _, attempts in db.jobs().values())
+        wait_until(write_failed, timeout=120, what="SR writes failing (and retried) on a full disk")
+        assert db.query(sa.select(Result)) == []
+        assert list(spool.rglob("*.partial")) == []  # a failed write leaves nothing behind
+        state, _, error, _ = next(job for job in db.jobs().values() if job[1] == "sr_write_failed")
+        assert state in (JobState.QUEUED, JobState.RUNNING)  # transient: retried, not failed
+        assert error is not None and "ENOSPC" in error
+
+        filler.unlink()
+        wait_until(lambda: db.settled(2), timeout=120, what="SRs written once space returned")
+        assert {uid: job[0] for uid, job in db.jobs().items()} == {
+            ds.StudyInstanceUID: JobState.DONE for ds in studies}
+        assert _srs_at(pacs) == {ds.StudyInstanceUID: 1 for ds in studies}
+        assert "worker_process_exited" not in daemon.output()
+        assert daemon.terminate() == 0
+
+
+def _running_owner(db: Db, exclude: set[int]) -> int | None:
+    """The pid of a worker holding a RUNNING job, other than those in ``exclude``."""
+    for (owner,) in db.query(sa.select(Job.lease_owner).where(Job.state == JobState.RUNNING)):
+        pid = int(owner.split(":")[1])
+        if pid not in exclude:
+            return pid
+    return None
+
+
+def test_worker_killed_while_writing_srs_is_restarted_and_every_study_gets_one_sr(
+        tmp_path: Path, daemons: list[DaemonProcess], pacs: Pacs, demo_bundle: Path,
+        db_of: Any) -> None:
+    # A lease far longer than the test: the jobs come back because serve releases them.
+    daemon, cfg = start_daemon(tmp_path, daemons, _extra(pacs, lease_s=600.0), bundle=demo_bundle)
+    db = db_of(cfg)
+    studies = [make_dx(512, 512, seed=i) for i in range(6)]
+    _store(daemon.port, tmp_path / "in", studies)
+    pid = wait_until(lambda: _running_owner(db, set()), timeout=60, interval=0.01,
+                     what="the worker to claim the jobs")
+    sr_folder = db.config.spool_dir / "sr"
+    wait_until(lambda: sr_folder.is_dir() and any(p.is_file() for p in sr_folder.rglob("*")),
+               timeout=60, interval=0.002, what="the first SR file being written")
+    os.kill(pid, signal.SIGKILL)
+
+    wait_until(lambda: db.settled(6), timeout=120, what="every study scored after the restart")
+    assert {uid: job[0] for uid, job in db.jobs().items()} == {
+        ds.StudyInstanceUID: JobState.DONE for ds in studies}
+    assert _srs_at(pacs) == {ds.StudyInstanceUID: 1 for ds in studies}
+    assert len(db.query(sa.select(Result))) == 6
+    log = tmp_path / "daemon.log"
+    (exited,) = _events(log, "worker_process_exited")
+    assert (exited["pid"], exited["status"]) == (pid, "SIGKILL")
+    (released,) = _events(log, "worker_leases_released")
+    assert released["pid"] == pid and released["jobs"]
+    assert len(_events(log, "worker_process_started")) == 2
+    retried = db.query(sa.select(AuditEvent.detail).where(AuditEvent.action == AuditAction.JOB_RETRY,
+                                                          AuditEvent.actor == "serve"))
+    assert retried and all('"reason": "abandoned"' in detail for (detail,) in retried)
+    status, body = _http(db.config, "/metrics")
+    assert status == 200 and b"opacityd_worker_restarts_total 1.0" in body
+    assert daemon.terminate() == 0
+
+
+def test_job_whose_worker_vanishes_max_attempts_times_ends_failed_abandoned(
+        tmp_path: Path, daemons: list[DaemonProcess], pacs: Pacs, demo_bundle: Path,
+        db_of: Any) -> None:
+    daemon, cfg = start_daemon(tmp_path, daemons, _extra(pacs, lease_s=600.0, max_attempts=3),
+                               bundle=demo_bundle)
+    db = db_of(cfg)
+    study = make_dx(2048, 2048, seed=3)
+    _store(daemon.port, tmp_path / "in", [study])
+    killed: set[int] = set()
+    for attempt in range(1, 4):
+        pid = wait_until(lambda: _running_owner(db, killed), timeout=90, interval=0.005,
+                         what=f"claim number {attempt}")
+        os.kill(pid, signal.SIGSTOP)  # hold it mid-job, make sure it still owns the job, kill it
+        assert db.jobs()[study.StudyInstanceUID][0] == JobState.RUNNING
+        os.kill(pid, signal.SIGKILL)
+        killed.add(pid)
+
+    wait_until(lambda: db.jobs()[study.StudyInstanceUID][0] == JobState.FAILED, timeout=30,
+               what="the job to end failed")
+    state, reason, error, attempts = db.jobs()[study.StudyInstanceUID]
+    assert (state, reason, attempts) == (JobState.FAILED, "abandoned", 3)
+    assert error is not None and "vanished" in error
+    log = tmp_path / "daemon.log"
+    (alert,) = _events(log, "job_abandoned")
+    assert alert["level"] == "critical" and alert["study_uid"] == study.StudyInstanceUID
+    assert [e["status"] for e in _events(log, "worker_process_exited")] == ["SIGKILL"] * 3
+    status, body = _http(db.config, "/readyz")
+    ready = json.loads(body)
+    assert status == 503 and "worker" in ready["failed"]
+    status, body = _http(db.config, "/metrics")
+    assert b"opacityd_worker_quick_deaths 3.0" in body
+    # The job is never claimed again; the restarted worker stays idle.
+    assert db.query(sa.select(Result)) == []
+    assert daemon.terminate() == 0
+
+
+def test_separate_worker_reclaiming_an_expired_lease_on_the_last_attempt_abandons_the_job(
+        tmp_path: Path, daemons: list[DaemonProcess], workers: list[WorkerProcess], pacs: Pacs,
+        demo_bundle: Path, db_of: Any) -> None:
+    """No serve saw these workers die: the next worker finds the expired lease."""
+    daemon, cfg = _separate_worker(tmp_path, daemons, pacs, demo_bundle, lease_s=1.0,
+                                   max_attempts=2)
+    db = db_of(cfg)
+    study = make_dx(2048, 2048, seed=4)
+    _store(daemon.port, tmp_path / "in", [study])
+    killed: set[int] = set()
+    for attempt in range(1, 3):
+        worker = WorkerProcess(cfg, tmp_path / f"worker{attempt}.log").start()
+        workers.append(worker)
+        pid = wait_until(lambda: _running_owner(db, killed), timeout=90, interval=0.005,
+                         what=f"claim number {attempt}")
+        assert worker.proc is not None and pid == worker.proc.pid
+        os.kill(pid, signal.SIGSTOP)
+        assert db.jobs()[study.StudyInstanceUID][0] == JobState.RUNNING
+        os.kill(pid, signal.SIGKILL)
+        killed.add(pid)
+    last = WorkerProcess(cfg, tmp_path / "worker3.log").start()
+    workers.append(last)
+    wait_until(lambda: db.jobs()[study.StudyInstanceUID][0] == JobState.FAILED, timeout=90,
+               what="the job to end failed")
+    state, reason, _, attempts = db.jobs()[study.StudyInstanceUID]
+    assert (state, reason, attempts) == (JobState.FAILED, "abandoned", 2)
+    (alert,) = _events(last.log_path, "job_abandoned")
+    assert alert["level"] == "critical"
+    assert last.alive() and last.terminate() == 0
+    assert daemon.terminate() == 0
