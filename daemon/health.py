@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from daemon.config import Config
 from daemon.disk import DiskGuard
-from db.engine import unit_of_work
+from db.engine import read_only
 
 
 def ready_marker(config: Config, pid: int) -> Path:
@@ -44,7 +44,7 @@ class Health:
 
     def _database(self) -> Check:
         try:
-            with unit_of_work(self.sessions) as session:
+            with read_only(self.sessions) as session:  # /readyz never waits for a writer
                 session.execute(sa.text("SELECT 1"))
         except SQLAlchemyError as e:
             return Check(False, f"database unreachable: {type(e).__name__}")
