@@ -2,6 +2,7 @@
 
     python -m bench.soak [--minutes 30] [--rate 2.0] [--outage-every 300] [--outage-for 60]
                          [--input-size 299] [--workdir bench/out/soak]
+                         [--chaos] [--kill-every 60] [--seed 1]
 
 Two sender threads each push single-image studies with DCMTK storescu (one association per
 study) so that together they deliver ``--rate`` studies/s; `opacityd serve` (embedded worker)
@@ -10,12 +11,20 @@ scores them and sends SRs to a DCMTK storescp PACS, which is stopped for ``--out
 received / scored / delivered / failed, receive-to-SR latency percentiles (all and during
 outages), peak RSS of serve, its worker and the PACS, the database size, and whether every
 acknowledged study got exactly one SR. Progress every 30 s on stderr.
+
+``--chaos`` adds, on top of the outages, kill -9 of the worker process or of `serve` itself at
+random moments (seeded: exponential gaps with mean ``--kill-every`` s; one kill in four hits
+`serve`, which is then started again at once, as systemd's Restart= would). The PACS keeps a
+file per receipt (storescp ``+uf``), so an SR that reached it twice is counted. It then reports
+acknowledged / held / scored / delivered, studies with more than one distinct SR, SRs received
+twice, and lost (acknowledged without its instance held, or without an SR or a recorded failure).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
 import signal
 import sqlite3
 import subprocess
@@ -56,6 +65,40 @@ def _children(pid: int) -> list[int]:
     return found
 
 
+class Serve:
+    """`opacityd serve` that a chaos run may kill and start again (log appended)."""
+
+    def __init__(self, cfg: Path, log: Path) -> None:
+        self.cfg, self.log = cfg, log
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    def start(self) -> subprocess.Popen[bytes]:
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen([OPACITYD, "--config", str(self.cfg), "serve"], stdout=out,
+                                         stderr=subprocess.STDOUT)
+        self.starts += 1
+        return self.proc
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+
+def _kill_something(rng: random.Random, serve: Serve) -> str:
+    """kill -9 the worker (3 in 4) or serve (then start it again); returns what was killed."""
+    workers = _children(serve.pid)
+    if workers and rng.random() < 0.75:
+        subprocess.run(["kill", "-9", str(workers[0])], check=False)
+        return "worker"
+    assert serve.proc is not None
+    serve.proc.send_signal(signal.SIGKILL)
+    serve.proc.wait(timeout=30)
+    serve.start()
+    return "serve"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--minutes", type=float, default=30.0)
@@ -64,7 +107,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--outage-for", type=float, default=60.0)
     p.add_argument("--input-size", type=int, default=299)
     p.add_argument("--workdir", type=Path, default=Path("bench/out/soak"))
+    p.add_argument("--chaos", action="store_true", help="also kill -9 the worker and serve")
+    p.add_argument("--kill-every", type=float, default=60.0, help="mean seconds between kills")
+    p.add_argument("--seed", type=int, default=1)
     args = p.parse_args(argv)
+    rng = random.Random(args.seed)
     workdir = args.workdir.resolve()
     bundle = workdir / f"demo-bundle-{args.input_size}"
     if not (bundle / "manifest.json").exists():
@@ -79,15 +126,16 @@ def main(argv: list[str] | None = None) -> int:
     inputs, pacs_dir = run / "in", run / "pacs"
     inputs.mkdir(parents=True)
     pacs_dir.mkdir()
-    pacs = Pacs(pacs_dir, free_port())
+    pacs = Pacs(pacs_dir, free_port(), options=("+uf",) if args.chaos else ())
     pacs.start()
     port = free_port()
     extra = (f'[[destinations]]\nname = "pacs"\nhost = "127.0.0.1"\nport = {pacs.port}\ncalled_ae = "PACS"\n'
              '[delivery]\npoll_interval_s = 0.2\nretry_base_s = 2.0\nretry_max_s = 20.0\nmax_attempts = 30\n'
              '[worker]\npoll_interval_s = 0.1\nbatch_size = 8\n')
     cfg = write_config(run / "d", extra, port=port, quiet_s=1.0, bundle=bundle)
-    log = (run / "daemon.log").open("wb")
-    daemon = subprocess.Popen([OPACITYD, "--config", str(cfg), "serve"], stdout=log, stderr=subprocess.STDOUT)
+    serve = Serve(cfg, run / "daemon.log")
+    daemon = serve.start()
+    kills: list[str] = []
     released: dict[str, float] = {}
     refused: list[str] = []
     arrived: dict[str, float] = {}
@@ -120,8 +168,8 @@ def main(argv: list[str] | None = None) -> int:
             tick += period
 
     def sample() -> None:
-        peak["serve"] = max(peak["serve"], _rss_mb(daemon.pid))
-        for child in _children(daemon.pid):
+        peak["serve"] = max(peak["serve"], _rss_mb(serve.pid))
+        for child in _children(serve.pid):
             peak["worker"] = max(peak["worker"], _rss_mb(child))
         if pacs.proc is not None:
             peak["pacs"] = max(peak["pacs"], _rss_mb(pacs.proc.pid))
@@ -135,9 +183,14 @@ def main(argv: list[str] | None = None) -> int:
         for t in threads:
             t.start()
         next_outage = started + args.outage_every
+        next_kill = started + rng.expovariate(1 / args.kill_every)
         last_report = started
         while any(t.is_alive() for t in threads):
             now = time.monotonic()
+            if args.chaos and now >= next_kill and now < end:
+                kills.append(_kill_something(rng, serve))
+                _progress(f"[{(now - started) / 60:5.1f} min] kill -9 {kills[-1]}")
+                next_kill = now + rng.expovariate(1 / args.kill_every)
             if now >= next_outage and now < end:
                 _progress(f"[{(now - started) / 60:5.1f} min] PACS outage for {args.outage_for:.0f} s")
                 pacs.stop()
@@ -154,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
                 last_report = now
                 with lock:
                     sent = len(released)
-                _progress(f"[{(now - started) / 60:5.1f} min] acknowledged {sent}, SRs at the PACS "
+                _progress(f"[{(now - started) / 60:5.1f} min] acknowledged {sent}, refused {len(refused)}, "
+                          f"kills {len(kills)}, SRs at the PACS "
                           f"{len(arrived)}, serve {peak['serve']:.0f} MB, worker {peak['worker']:.0f} MB")
             time.sleep(0.5)
         sending_done = time.monotonic()
@@ -165,25 +219,40 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(0.5)
     finally:
         stop.set()
-        daemon.send_signal(signal.SIGTERM)
-        daemon.wait(timeout=180)
+        assert serve.proc is not None
+        serve.proc.send_signal(signal.SIGTERM)
+        serve.proc.wait(timeout=180)
         pacs.stop()
-        log.close()
 
     database = run / "d" / "state" / "opacityd.sqlite3"
     with sqlite3.connect(database) as db:
         scored = db.execute("SELECT count(*) FROM results").fetchone()[0]
         by_state = dict(db.execute("SELECT state, count(*) FROM deliveries GROUP BY state").fetchall())
         failed_jobs = db.execute("SELECT count(*) FROM jobs WHERE state = 'failed'").fetchone()[0]
+        held_rows = db.execute("SELECT s.study_uid, i.spool_path FROM instances i "
+                               "JOIN studies s ON s.id = i.study_id").fetchall()
+        failed_studies = {row[0] for row in db.execute(
+            "SELECT s.study_uid FROM jobs j JOIN studies s ON s.id = j.study_id "
+            "WHERE j.state = 'failed'").fetchall()}
+    spool = run / "d" / "state" / "spool"
+    held = {uid for uid, rel in held_rows if rel and (spool / rel).is_file()}
     db_bytes = sum(f.stat().st_size for f in database.parent.glob("opacityd.sqlite3*"))
     copies: dict[str, int] = {}
+    distinct: dict[str, set[str]] = {}
+    receipts: dict[str, int] = {}
     for path in pacs_dir.glob("SR*"):
-        uid = str(pydicom.dcmread(path, stop_before_pixels=True).StudyInstanceUID)
+        sr_ds = pydicom.dcmread(path, stop_before_pixels=True)
+        uid, sop = str(sr_ds.StudyInstanceUID), str(sr_ds.SOPInstanceUID)
         copies[uid] = copies.get(uid, 0) + 1
+        distinct.setdefault(uid, set()).add(sop)
+        receipts[sop] = receipts.get(sop, 0) + 1
+    two_results = [uid for uid, sops in distinct.items() if len(sops) > 1]
+    received_twice = [sop for sop, n in receipts.items() if n > 1]
+    not_held = [s for s in released if s not in held]
     latencies = np.array([arrived[s] - released[s] for s in arrived if s in released])
     in_outage = np.array([arrived[s] - released[s] for s in arrived if s in released
                           and any(a <= released[s] < b for a, b in outages)])
-    missing = [s for s in released if s not in copies]
+    missing = [s for s in released if s not in copies and s not in failed_studies]
     sends: dict[str, int] = {}
     for line in (run / "daemon.log").read_text().splitlines():
         if line.startswith("{") and '"sr_delivered"' in line:
@@ -196,7 +265,15 @@ def main(argv: list[str] | None = None) -> int:
           f"{by_state.get('delivered', 0)}, delivery failed {by_state.get('failed', 0)}, "
           f"pending {by_state.get('pending', 0)}, jobs failed {failed_jobs}")
     print(f"SRs at the PACS: {len(copies)} studies; acknowledged without SR: {len(missing)}; "
-          f"SRs sent more than once: {len(twice)}")
+          f"SRs recorded as delivered more than once: {len(twice)}")
+    if args.chaos:
+        print(f"chaos (seed {args.seed}): {kills.count('worker')} worker kills, "
+              f"{kills.count('serve')} serve kills")
+        print(f"acknowledged {len(released)}, held {len(held)} (acknowledged and held "
+              f"{len(released) - len(not_held)}), scored {scored}, delivered "
+              f"{by_state.get('delivered', 0)}; studies with more than one distinct SR "
+              f"{len(two_results)}; SRs received twice at the PACS {len(received_twice)}; "
+              f"acknowledged but not held {len(not_held)}")
     for name, values in (("all", latencies), ("sent during an outage", in_outage)):
         if len(values):
             print(f"release -> SR at PACS ({name}, n={len(values)}): p50 {np.percentile(values, 50):.1f} s, "
@@ -204,8 +281,10 @@ def main(argv: list[str] | None = None) -> int:
                   f"max {values.max():.1f} s")
     print(f"peak RSS: serve {peak['serve']:.0f} MB, worker {peak['worker']:.0f} MB, "
           f"storescp {peak['pacs']:.0f} MB; database {db_bytes / 2**20:.1f} MB")
-    print("nothing lost" if not missing else f"LOST: {len(missing)} acknowledged studies have no SR")
-    return 0 if not missing else 1
+    lost = sorted(set(missing) | set(not_held))
+    print("nothing lost" if not lost else f"LOST: {len(lost)} acknowledged studies are not held "
+          f"or have neither an SR nor a recorded failure")
+    return 0 if not lost and not two_results else 1
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ patient data are redacted; callers must never pass them in the first place.
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from typing import Any, TextIO
 
@@ -22,6 +23,35 @@ PHI_KEYS = frozenset({
 REDACTED = "[redacted]"
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
            "error": logging.ERROR}
+
+
+_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
+_QUOTING_LOGGERS = ("pydicom", "py.warnings", "highdicom", "pynetdicom")
+"""Libraries whose messages quote data element values ("Invalid value for VR DA: '...'")."""
+
+
+def scrub_library_values(_logger: Any, _method: str, event_dict: EventDict) -> EventDict:
+    """Replace quoted text in library log lines and captured warnings with ``'…'``.
+
+    pydicom (and warnings routed through ``py.warnings``) quote header values, which may be
+    patient data, in their messages; we keep the message and drop the value."""
+    name = str(event_dict.get("logger", ""))
+    if name.split(".")[0] in _QUOTING_LOGGERS and isinstance(event_dict.get("event"), str):
+        event_dict["event"] = _QUOTED.sub("'…'", event_dict["event"])
+    return event_dict
+
+
+def scrub_exception_values(_logger: Any, _method: str, event_dict: EventDict) -> EventDict:
+    """In a formatted traceback, replace quoted text in the exception message lines.
+
+    pydicom's and highdicom's exception texts quote header values ("Unable to convert
+    '1970-01-31' to 'DA'"); the frames (indented lines) are kept as they are."""
+    text = event_dict.get("exception")
+    if isinstance(text, str):
+        event_dict["exception"] = "\n".join(
+            line if line.startswith((" ", "Traceback")) else _QUOTED.sub("'…'", line)
+            for line in text.split("\n"))
+    return event_dict
 
 
 def redact_phi(_logger: Any, _method: str, event_dict: EventDict) -> EventDict:
@@ -43,7 +73,8 @@ def configure_logging(level: str = "info", fmt: str = "auto", stream: TextIO | N
     ]
     renderer: Processor = (structlog.processors.JSONRenderer() if as_json
                            else structlog.dev.ConsoleRenderer(colors=stream.isatty()))
-    tail: list[Processor] = [structlog.processors.format_exc_info] if as_json else []
+    # Tracebacks are formatted here in both modes so that their messages can be scrubbed.
+    tail: list[Processor] = [structlog.processors.format_exc_info, scrub_exception_values]
     structlog.configure(
         processors=[*shared, *tail, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
@@ -52,7 +83,7 @@ def configure_logging(level: str = "info", fmt: str = "auto", stream: TextIO | N
     )
     handler = logging.StreamHandler(stream)
     handler.setFormatter(structlog.stdlib.ProcessorFormatter(
-        foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared],
+        foreign_pre_chain=[structlog.stdlib.add_logger_name, scrub_library_values, *shared],
         processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *tail, renderer],
     ))
     root = logging.getLogger()

@@ -115,15 +115,18 @@ def mounted_tmpfs(mount: Path, size: str) -> Iterator[Path]:
 class Pacs:
     """DCMTK storescp as a minimal PACS; can be stopped and started again."""
 
-    def __init__(self, folder: Path, port: int, tls: tuple[list[str], list[str]] = ([], [])) -> None:
-        """``tls``: DCMTK TLS options for storescp and for the echoscu that waits for it."""
+    def __init__(self, folder: Path, port: int, tls: tuple[list[str], list[str]] = ([], []),
+                 options: tuple[str, ...] = ()) -> None:
+        """``tls``: DCMTK TLS options for storescp and for the echoscu that waits for it;
+        ``options``: other storescp options (e.g. ``+uf``: a new file for every receipt)."""
         require(STORESCP)
-        self.folder, self.port, self.tls = folder, port, tls
+        self.folder, self.port, self.tls, self.options = folder, port, tls, options
         folder.mkdir(parents=True, exist_ok=True)
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Pacs:
-        self.proc = subprocess.Popen([STORESCP, "-aet", "PACS", *self.tls[0], "-od", str(self.folder),
+        self.proc = subprocess.Popen([STORESCP, "-aet", "PACS", *self.tls[0], *self.options,
+                                      "-od", str(self.folder),
                                       str(self.port)],
                                      env=DCMTK_ENV, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL)
