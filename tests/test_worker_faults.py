@@ -476,3 +476,31 @@ def test_separate_worker_reclaiming_an_expired_lease_on_the_last_attempt_abandon
     assert alert["level"] == "critical"
     assert last.alive() and last.terminate() == 0
     assert daemon.terminate() == 0
+
+
+def test_a_batch_slower_than_the_lease_keeps_its_jobs_from_a_second_worker(
+        tmp_path: Path, daemons: list[DaemonProcess], workers: list[WorkerProcess], pacs: Pacs,
+        demo_bundle: Path, db_of: Any) -> None:
+    lease_s = 0.6
+    daemon, cfg = _separate_worker(tmp_path, daemons, pacs, demo_bundle, lease_s=lease_s,
+                                   batch_size=8, threads=1)
+    db = db_of(cfg)
+    two = [WorkerProcess(cfg, tmp_path / f"worker{i}.log").start() for i in range(2)]
+    workers.extend(two)
+    run_dir = db.config.state_dir / "run"
+    wait_until(lambda: len(list(run_dir.glob("worker-*.ready"))) == 2, timeout=90,
+               what="both workers to load the model")
+    studies = [make_dx(2048, 2048, seed=i) for i in range(8)]
+    _store(daemon.port, tmp_path / "in", studies)
+
+    wait_until(lambda: db.settled(8), timeout=180, what="every study scored")
+    claims = db.query(sa.select(AuditEvent.study_uid, AuditEvent.at)
+                      .where(AuditEvent.action == AuditAction.JOB_CLAIMED))
+    assert sorted(uid for uid, _ in claims) == sorted(ds.StudyInstanceUID for ds in studies)
+    done = dict(db.query(sa.select(AuditEvent.study_uid, AuditEvent.at)
+                         .where(AuditEvent.action == AuditAction.JOB_DONE)))
+    held = max((done[uid] - at).total_seconds() for uid, at in claims)
+    assert held > 3 * lease_s  # the batch outlived its first lease many times over
+    assert _srs_at(pacs) == {ds.StudyInstanceUID: 1 for ds in studies}
+    for w in two:
+        assert _events(w.log_path, "lease_lost") == [] and _events(w.log_path, "job_lost_lease") == []
