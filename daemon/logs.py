@@ -93,3 +93,8 @@ def configure_logging(level: str = "info", fmt: str = "auto", stream: TextIO | N
     logging.captureWarnings(True)
     for name in ("pynetdicom", "apscheduler", "alembic", "highdicom", "py.warnings"):
         logging.getLogger(name).setLevel(max(logging.WARNING, _LEVELS[level]))
+    # A pixel decoder that fails logs the error with its traceback before raising it to us;
+    # the worker records it as the image's refusal (corrupt_pixel_data), an expected outcome,
+    # so pydicom's ERROR line is a duplicate that looks like a crash. Kept at debug level.
+    logging.getLogger("pydicom.pixels").setLevel(
+        logging.DEBUG if level == "debug" else logging.CRITICAL)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
-from pydicom.pixels import apply_modality_lut, apply_voi
+from pydicom.pixels import apply_modality_lut, apply_voi, get_decoder
 
 from model.errors import PreprocessError, Refusal
 
@@ -58,22 +58,56 @@ def check_header(ds: Dataset, max_side: int) -> None:
                               f"photometric interpretation {photometric or '(empty)'}")
 
 
+def _decoder_available(ds: Dataset) -> bool:
+    """Whether any installed plugin decodes the data set's transfer syntax."""
+    syntax = ds.file_meta.get("TransferSyntaxUID") if "file_meta" in ds.__dict__ else None
+    if syntax is None or not syntax.is_compressed:
+        return True
+    try:
+        return bool(get_decoder(syntax).is_available)
+    except NotImplementedError:
+        return False
+
+
+def header_notes(ds: Dataset) -> tuple[str, ...]:
+    """Header inconsistencies that decoding works around; recorded with the image's result."""
+    notes: list[str] = []
+    bits_stored, high_bit = ds.get("BitsStored"), ds.get("HighBit")
+    if bits_stored is not None and high_bit is not None and int(high_bit) != int(bits_stored) - 1:
+        notes.append(f"high_bit_inconsistent: HighBit {int(high_bit)} with BitsStored "
+                     f"{int(bits_stored)}; decoded as BitsStored")
+    syntax = ds.file_meta.get("TransferSyntaxUID") if "file_meta" in ds.__dict__ else None
+    pixel_data = ds.get("PixelData")
+    if isinstance(pixel_data, bytes) and (syntax is None or not syntax.is_compressed):
+        try:
+            frames = int(ds.get("NumberOfFrames", 1) or 1)
+            expected = (int(ds.Rows) * int(ds.Columns) * frames
+                        * int(ds.get("SamplesPerPixel", 1) or 1) * int(ds.BitsAllocated) + 7) // 8
+        except (AttributeError, TypeError, ValueError):
+            return tuple(notes)
+        if len(pixel_data) > expected + (expected % 2):
+            notes.append(f"pixel_data_longer_than_expected: {len(pixel_data)} bytes for "
+                         f"{expected}; the excess was ignored")
+    return tuple(notes)
+
+
 def decode(ds: Dataset) -> tuple[np.ndarray, tuple[str, ...]]:
-    """The first frame's stored values; notes say when frames were skipped."""
+    """The first frame's stored values; notes say when frames were skipped.
+
+    A transfer syntax no installed plugin decodes is ``unsupported_transfer_syntax``;
+    data that a plugin for its syntax cannot decode is ``corrupt_pixel_data``."""
+    if not _decoder_available(ds):
+        raise PreprocessError(Refusal.UNSUPPORTED_TRANSFER_SYNTAX,
+                              f"no decoder installed for {ds.file_meta.TransferSyntaxUID.name}")
     try:
         arr = ds.pixel_array
-    except (NotImplementedError, RuntimeError) as e:
-        message = str(e)
-        if "decod" in message.lower() or "plugin" in message.lower() or "handler" in message.lower():
-            raise PreprocessError(Refusal.UNSUPPORTED_TRANSFER_SYNTAX, message[:200]) from e
-        raise PreprocessError(Refusal.CORRUPT_PIXEL_DATA, message[:200]) from e
     except Exception as e:  # noqa: BLE001 - decoders raise anything on damaged data
-        raise PreprocessError(Refusal.CORRUPT_PIXEL_DATA, f"{type(e).__name__}: {e}"[:200]) from e
-    notes: tuple[str, ...] = ()
+        raise PreprocessError(Refusal.CORRUPT_PIXEL_DATA, f"{type(e).__name__} while decoding") from e
+    notes: tuple[str, ...] = header_notes(ds)
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     if frames > 1:
         arr = arr[0]
-        notes = (f"multiframe: scored frame 1 of {frames}",)
+        notes += (f"multiframe: scored frame 1 of {frames}",)
     if arr.ndim != 2:
         raise PreprocessError(Refusal.NOT_GRAYSCALE, f"decoded array has shape {arr.shape}")
     return arr, notes

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import copy
 import dataclasses
 import json
@@ -195,6 +197,16 @@ def _no_decoder() -> Dataset:
     return ds
 
 
+def _corrupt(syntax: str, start: bytes) -> Callable[[], Dataset]:
+    """Damaged compressed data of a syntax that has a decoder here."""
+    def make() -> Dataset:
+        ds = make_dx()
+        ds.file_meta.TransferSyntaxUID = syntax
+        ds.PixelData = pydicom.encaps.encapsulate([start + bytes(range(256)) * 4])
+        return ds
+    return make
+
+
 @pytest.mark.parametrize(("make", "reason"), [
     (_without_pixels, Refusal.NO_PIXEL_DATA),
     (_huge, Refusal.TOO_LARGE),
@@ -203,6 +215,11 @@ def _no_decoder() -> Dataset:
     (_truncated, Refusal.CORRUPT_PIXEL_DATA),
     (_blank, Refusal.BLANK_IMAGE),
     (_no_decoder, Refusal.UNSUPPORTED_TRANSFER_SYNTAX),
+    (_corrupt("1.2.840.10008.1.2.4.90", b"\xff\x4f\xff\x51"), Refusal.CORRUPT_PIXEL_DATA),
+    (_corrupt("1.2.840.10008.1.2.4.91", b"\x00\x00\x00\x0cjP  "), Refusal.CORRUPT_PIXEL_DATA),
+    (_corrupt("1.2.840.10008.1.2.4.80", b"\xff\xd8\xff\xf7"), Refusal.CORRUPT_PIXEL_DATA),
+    (_corrupt("1.2.840.10008.1.2.4.70", b"\xff\xd8\xff\xc3"), Refusal.CORRUPT_PIXEL_DATA),
+    (_corrupt("1.2.840.10008.1.2.5", b"\x01\x00\x00\x00"), Refusal.CORRUPT_PIXEL_DATA),
 ])
 def test_each_refusal_reason_is_raised_for_its_crafted_input(make, reason: Refusal) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(PreprocessError) as info:
@@ -227,6 +244,17 @@ def test_unreadable_files_are_refused(tmp_path: Path) -> None:
         with pytest.raises(PreprocessError) as info:
             preprocess(path, SPEC)
         assert info.value.reason is Refusal.NOT_READABLE
+
+
+def test_header_inconsistencies_are_scored_with_a_note() -> None:
+    high_bit = _chest_like(make_dx())
+    high_bit.HighBit = 15 if int(high_bit.BitsStored) != 16 else 11
+    assert any(n.startswith("high_bit_inconsistent") for n in preprocess(high_bit, SPEC).notes)
+    longer = _chest_like(make_dx())
+    longer.PixelData = longer.PixelData + b"\x00\x01" * 500
+    assert any(n.startswith("pixel_data_longer_than_expected")
+               for n in preprocess(longer, SPEC).notes)
+    assert preprocess(_chest_like(make_dx()), SPEC).notes == ()
 
 
 def test_multiframe_scores_the_first_frame_and_says_so() -> None:
