@@ -65,7 +65,24 @@ class ReceiverConfig:
     bind_address: str = "0.0.0.0"
     port: int = 11112
     max_associations: int = 10
-    max_pdu_size: int = 0
+    max_pdu_size: int = 262_144
+    """The largest P-DATA PDU we accept (advertised in the A-ASSOCIATE-AC); a larger one aborts."""
+    max_association_request_size: int = 65_536
+    """The largest PDU accepted before association (an A-ASSOCIATE-RQ is a few KB) and the
+    largest non-P-DATA PDU after it."""
+    association_request_timeout_s: float = 10.0
+    """A new connection must deliver its whole A-ASSOCIATE-RQ (TLS handshake included) within this."""
+    pdu_read_timeout_s: float = 30.0
+    """Once a PDU has started to arrive, all of it must arrive within this."""
+    max_pending_connections: int = 32
+    """Connections not yet associated, counted apart from max_associations; when full, the
+    oldest is closed to make room."""
+    max_connections_per_address: int = 8
+    """Concurrent connections (pending and associated) from one source address."""
+    max_dataset_size_mb: int = 512
+    """The largest data set one C-STORE may carry; a larger one aborts the association."""
+    slots_exhausted_unready_s: float = 30.0
+    """/readyz fails once every association slot (or pending slot) has been taken this long."""
     acse_timeout_s: float = 30.0
     dimse_timeout_s: float = 60.0
     network_timeout_s: float = 60.0
@@ -355,9 +372,16 @@ def _check_semantics(config: Config) -> None:
         _require(False, "receiver.bind_address", r.bind_address, "an IPv4 or IPv6 address")
     _require(r.max_associations >= 1, "receiver.max_associations", r.max_associations,
              "an integer >= 1")
-    _require(r.max_pdu_size == 0 or 4096 <= r.max_pdu_size <= 2**32 - 1,
-             "receiver.max_pdu_size", r.max_pdu_size, "0 (unlimited) or 4096..4294967295")
-    for name in ("acse_timeout_s", "dimse_timeout_s", "network_timeout_s", "shutdown_grace_s"):
+    _require(4096 <= r.max_pdu_size <= 16 * 2**20, "receiver.max_pdu_size", r.max_pdu_size,
+             "an integer from 4096 to 16777216 (0, unlimited, is no longer accepted)")
+    _require(4096 <= r.max_association_request_size <= 2**20,
+             "receiver.max_association_request_size", r.max_association_request_size,
+             "an integer from 4096 to 1048576")
+    for name in ("max_pending_connections", "max_connections_per_address", "max_dataset_size_mb"):
+        _require(getattr(r, name) >= 1, f"receiver.{name}", getattr(r, name), "an integer >= 1")
+    for name in ("acse_timeout_s", "dimse_timeout_s", "network_timeout_s", "shutdown_grace_s",
+                 "association_request_timeout_s", "pdu_read_timeout_s",
+                 "slots_exhausted_unready_s"):
         value = getattr(r, name)
         _require(value > 0, f"receiver.{name}", value, "a number of seconds > 0")
     for i, uid in enumerate(r.extra_sop_classes):

@@ -1,7 +1,8 @@
 """Prometheus metrics for /metrics.
 
 Counters the receiver increments in this process (instances received/refused, re-sends with
-other bytes, associations rejected); gauges read from the database at scrape time (queue depth
+other bytes, associations rejected, connections refused or aborted by the transport guard,
+refused presentation contexts); gauges read from the database at scrape time (queue depth
 per state, job and delivery outcomes, results per priority), so they cover the worker process
 too and survive restarts; histograms fed at scrape time from rows written since the last scrape
 (inference time per study, receive-to-delivered latency). Every scrape reads in a transaction
@@ -72,6 +73,22 @@ class Metrics:
             "receiver.duplicate_policy applied", ["policy"], registry=self.registry)
         self.rejected = Counter("opacityd_associations_rejected", "Associations rejected, by reason",
                                 ["reason"], registry=self.registry)
+        self.connections_refused = Counter(
+            "opacityd_connections_refused", "DICOM connections closed before association, by reason "
+            "(per_address_limit, pending_evicted, request_timeout, oversized_pdu, unexpected_pdu, ...)",
+            ["reason"], registry=self.registry)
+        self.associations_aborted = Counter(
+            "opacityd_associations_aborted_by_guard", "Associations aborted by the transport guard, "
+            "by reason (oversized_pdu, read_timeout, dataset_too_large)", ["reason"],
+            registry=self.registry)
+        self.contexts_refused = Counter(
+            "opacityd_presentation_contexts_refused", "Presentation contexts refused in accepted "
+            "associations, by reason", ["reason"], registry=self.registry)
+        self.slots_exhausted = Counter(
+            "opacityd_association_slots_exhausted", "Times every association slot became taken",
+            registry=self.registry)
+        self.connections = Gauge("opacityd_dicom_connections", "Open DICOM connections, by phase",
+                                 ["phase"], registry=self.registry)
         self.inference = Histogram("opacityd_inference_seconds", "Network time per scored study",
                                    buckets=INFERENCE_BUCKETS, registry=self.registry)
         self.latency = Histogram("opacityd_receive_to_delivered_seconds",

@@ -53,7 +53,6 @@ from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.events import Event
 from pynetdicom.presentation import StoragePresentationContexts
-from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -65,6 +64,7 @@ from daemon.exceptions import SpoolError, SpoolFullError
 from daemon.metrics import Metrics
 from daemon.spool import Spool, is_valid_uid
 from daemon.statuses import StoreStatus, status_dataset
+from daemon.transport import GuardedAssociationServer, Limits, start_server
 from db import queue
 from db.engine import read_only, unit_of_work
 
@@ -153,7 +153,7 @@ class Receiver:
         self.disk = disk
         self.metrics = metrics
         self.policy = AccessPolicy(config.receiver.ae_title, config.receiver.peers)
-        self.server: ThreadedAssociationServer | None = None
+        self.server: GuardedAssociationServer | None = None
         self._assoc_ids: weakref.WeakKeyDictionary[Association, str] = weakref.WeakKeyDictionary()
         self._ids_lock = threading.Lock()
         self.ae = self._build_ae()
@@ -189,10 +189,8 @@ class Receiver:
 
     def start(self) -> None:
         r = self.config.receiver
-        self.server = self.ae.start_server(
-            (r.bind_address, r.port), block=False, evt_handlers=self.handlers,
-            ssl_context=_tls_context(self.config),
-        )
+        self.server = start_server(self.ae, (r.bind_address, r.port), Limits.from_config(r),
+                                   self.handlers, _tls_context(self.config), self.metrics)
         log.info("receiver_listening", ae_title=r.ae_title, address=r.bind_address, port=self.port,
                  tls=r.tls.enabled, max_associations=r.max_associations,
                  max_pdu_size=r.max_pdu_size)
@@ -214,6 +212,9 @@ class Receiver:
         while self._active() and time.monotonic() < deadline:
             time.sleep(0.05)
         leftover = self._active()
+        if leftover and self.server is not None:
+            # Ends reads blocked on a stalled peer, so the aborts below cannot hang.
+            self.server.abort_associations()
         for assoc in leftover:
             assoc.abort()
         log.info("receiver_stopped", aborted_associations=len(leftover))
