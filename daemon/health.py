@@ -28,19 +28,22 @@ class Check:
 
 class Health:
     """``liveness`` gates the watchdog (a restart would help); ``readiness`` adds the model,
-    the supervised worker (failing while it keeps dying) and the disk watermark (a restart
-    of `serve` would not help, but senders and operators should know)."""
+    the supervised worker (failing while it keeps dying), the receiver's slots (failing while
+    senders are turned away) and the disk watermark (a restart of `serve` would not help, but
+    senders and operators should know)."""
 
     def __init__(self, sessions: sessionmaker[Session], disk: DiskGuard,
                  scheduler_running: Callable[[], bool], receiver_listening: Callable[[], bool],
                  model_loaded: Callable[[], Check],
-                 worker: Callable[[], Check] | None = None) -> None:
+                 worker: Callable[[], Check] | None = None,
+                 receiver_slots: Callable[[], Check] | None = None) -> None:
         self.sessions = sessions
         self.disk = disk
         self.scheduler_running = scheduler_running
         self.receiver_listening = receiver_listening
         self.model_loaded = model_loaded
         self.worker = worker
+        self.receiver_slots = receiver_slots
 
     def _database(self) -> Check:
         try:
@@ -63,6 +66,8 @@ class Health:
         checks["model"] = self.model_loaded()
         if self.worker is not None:
             checks["worker"] = self.worker()
+        if self.receiver_slots is not None:
+            checks["receiver_slots"] = self.receiver_slots()
         free = self.disk.free_bytes()
         watermark = self.disk.min_free_bytes
         detail = f"{free // 2**20} MB free, watermark {watermark // 2**20} MB"

@@ -43,6 +43,7 @@ from daemon.report import with_threshold_overrides
 from daemon.scheduler import build_scheduler
 from daemon.spool import Spool
 from daemon.systemd import notify, watchdog_interval_s
+from daemon.transport import slots_check
 from db import jobs, migrate
 from db.engine import create_db_engine, make_session_factory, unit_of_work
 from model.errors import BundleError
@@ -309,7 +310,8 @@ def serve(config: Config) -> int:
     health = Health(sessions, disk, lambda: bool(scheduler.running), lambda: receiver.server is not None,
                     worker.model_loaded if worker is not None
                     else lambda: Check(True, "separate worker services; bundle manifest valid"),
-                    worker=worker.health if worker is not None else None)
+                    worker=worker.health if worker is not None else None,
+                    receiver_slots=lambda: slots_check(receiver.server))
     http = HttpApi(config, sessions, health, metrics) if config.http.enabled else None
     try:
         receiver.start()
