@@ -4,6 +4,14 @@ Codes are listed with their sources in docs/sr-codes.md. Standard codes are
 used where one exists (SNOMED CT, DICOM); values with no standard code come
 from the private coding scheme ``99OPACITYD`` (PS3.16 8.2 allows a "99"
 private scheme designator).
+
+Identity: :func:`result_key` hashes every input the SR's content depends on
+(study, revision, each image with its content hash and its rounded probability
+or refusal, the model's name, version, weights hash, preprocessing and
+thresholds); :func:`sr_instance_uid` derives the SOP Instance UID from that key
+and the predecessor SR's UID. One UID therefore always means one content: only
+the creation date and time differ between two builds, and they are a parameter
+of :func:`build_sr`.
 """
 
 from __future__ import annotations
@@ -11,16 +19,21 @@ from __future__ import annotations
 import dataclasses
 import enum
 import hashlib
-from collections.abc import Sequence
+import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 
 import highdicom as hd
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
+from pydicom.valuerep import DT
 
 from daemon.config import ModelConfig
 from daemon.eligibility import OWN_MANUFACTURER
+from daemon.eligibility import Reason as Ineligibility
+from model.errors import Refusal
 from model.manifest import NOT_FOR_CLINICAL_USE, Manifest, Thresholds
 
 SCHEME = "99OPACITYD"
@@ -34,6 +47,39 @@ PROBABILITY = Code("OPA-001", SCHEME, "Probability of lung opacity")
 THRESHOLD = Code("OPA-002", SCHEME, "Decision threshold")
 PRIORITY = Code("OPA-003", SCHEME, "Worklist priority")
 IMAGE_NOT_ANALYSABLE = Code("OPA-004", SCHEME, "Image not analysable")
+COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"
+PROBABILITY_DIGITS = 6
+"""Probabilities are written (and enter the result key) rounded to this many decimals."""
+
+UNKNOWN_REASON = "unknown"
+"""The reason recorded for an unscored image that came without one."""
+
+REASON_CODES: Mapping[str, Code] = {
+    # Why an eligible image could not be scored (model.errors.Refusal). Values that earlier
+    # versions already wrote unambiguously are kept, so SRs at a PACS keep their meaning; the
+    # ambiguous "RSN-UNSUPPORTED_" (two reasons) is retired. docs/sr-codes.md has the table.
+    Refusal.NOT_READABLE: Code("RSN-NOT_READABLE", SCHEME, "Not a readable DICOM image"),
+    Refusal.NO_PIXEL_DATA: Code("RSN-NO_PIXEL_DAT", SCHEME, "No pixel data"),
+    Refusal.TOO_LARGE: Code("RSN-TOO_LARGE", SCHEME, "Image too large"),
+    Refusal.NOT_GRAYSCALE: Code("RSN-NOT_GRAYSCAL", SCHEME, "Not a grayscale image"),
+    Refusal.UNSUPPORTED_PHOTOMETRIC: Code("RSN-PHOTOMETRIC", SCHEME,
+                                          "Unsupported photometric interpretation"),
+    Refusal.UNSUPPORTED_TRANSFER_SYNTAX: Code("RSN-TRANSFER_SYN", SCHEME,
+                                              "Unsupported transfer syntax"),
+    Refusal.CORRUPT_PIXEL_DATA: Code("RSN-CORRUPT_PIXE", SCHEME, "Corrupt pixel data"),
+    Refusal.BLANK_IMAGE: Code("RSN-BLANK_IMAGE", SCHEME, "Blank image"),
+    # Why an image was not eligible (daemon.eligibility.Reason), should a caller list one.
+    Ineligibility.OWN_OUTPUT: Code("RSN-OWN_OUTPUT", SCHEME, "Produced by opacityd itself"),
+    Ineligibility.MODALITY: Code("RSN-MODALITY", SCHEME, "Modality not accepted"),
+    Ineligibility.NOT_CHEST: Code("RSN-NOT_CHEST", SCHEME, "Not a chest image"),
+    Ineligibility.BODY_PART_UNKNOWN: Code("RSN-BODYPART_UNK", SCHEME, "Body part unknown"),
+    Ineligibility.LATERAL_VIEW: Code("RSN-LATERAL_VIEW", SCHEME, "Lateral view"),
+    Ineligibility.VIEW_UNKNOWN: Code("RSN-VIEW_UNKNOWN", SCHEME, "View position unknown"),
+    Ineligibility.NOT_HUMAN: Code("RSN-NOT_HUMAN", SCHEME, "Not a human patient"),
+    UNKNOWN_REASON: Code("RSN-UNKNOWN", SCHEME, "Reason not recorded"),
+}
+"""One code per reason an image is listed as not analysable; values are unique and at most
+16 characters (SH). Never reuse or change a value: a PACS keeps the SRs that carry it."""
 
 
 class Priority(enum.StrEnum):
@@ -78,6 +124,14 @@ class ImageOutcome:
     """The source instance's header (no pixel data needed)."""
     probability: float | None
     refusal: str | None = None
+    """Why the image could not be scored: a key of :data:`REASON_CODES` (None: ``unknown``)."""
+    content_hash: str | None = None
+    """sha256 of the instance's stored bytes (``instances.content_hash``); part of the result key,
+    so a re-sent instance with other bytes never reuses an SR UID."""
+
+    @property
+    def sop_instance_uid(self) -> str:
+        return str(self.header.SOPInstanceUID)
 
 
 _TYPE2_PATIENT_STUDY = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex",
@@ -98,12 +152,20 @@ def _evidence(header: Dataset) -> Dataset:
 
 def study_probability(images: Sequence[ImageOutcome]) -> float | None:
     """The maximum over the scored images (a study is as abnormal as its most abnormal
-    frontal image); None when no image could be scored."""
-    return max((i.probability for i in images if i.probability is not None), default=None)
+    frontal image), rounded as the SR writes it, so the decision and the priority follow from
+    what the SR says; None when no image could be scored."""
+    return max((_rounded(i.probability) for i in images if i.probability is not None),
+               default=None)
 
 
-def _reason_code(reason: str) -> Code:
-    return Code(f"RSN-{reason.upper()}"[:16], SCHEME, reason.replace("_", " "))
+def reason_code(reason: str | None) -> Code:
+    """The coded reason an image is not analysable. Raises :class:`ValueError` naming a reason
+    that has no code in :data:`REASON_CODES` (add one there and in docs/sr-codes.md)."""
+    try:
+        return REASON_CODES[reason or UNKNOWN_REASON]
+    except KeyError:
+        raise ValueError(f"refusal reason {reason!r} has no code in daemon.report.REASON_CODES; "
+                         f"known: {', '.join(sorted(REASON_CODES))}") from None
 
 
 def deterministic_uid(*parts: str) -> str:
@@ -117,10 +179,64 @@ def sr_series_uid(study_uid: str, manifest: Manifest) -> str:
     return deterministic_uid(study_uid, "opacityd-sr-series", manifest.name)
 
 
-def sr_instance_uid(study_uid: str, scored: Sequence[str], manifest: Manifest) -> str:
-    """Deterministic: the same study, scored instances and model give the same SOP Instance UID,
-    so a re-send is the same object and the PACS de-duplicates it."""
-    return deterministic_uid(study_uid, *sorted(scored), manifest.name, manifest.version)
+def _rounded(probability: float) -> float:
+    return round(float(probability), PROBABILITY_DIGITS)
+
+
+def _in_sr_order(images: Sequence[ImageOutcome]) -> list[ImageOutcome]:
+    """The images in the order the SR lists them (by SOP Instance UID), so the content does
+    not depend on the order the instances arrived in."""
+    return sorted(images, key=lambda i: i.sop_instance_uid)
+
+
+def result_key(study_uid: str, revision: int, images: Sequence[ImageOutcome],
+               manifest: Manifest) -> str:
+    """A sha256 (hex) of every input the SR's content depends on, except its predecessor: the
+    study UID and revision; each image's SOP Instance UID and content hash with its probability
+    as written (rounded to :data:`PROBABILITY_DIGITS`) or its refusal reason; the model's name,
+    version, weights sha256, validated flag and preprocessing; and the three thresholds.
+
+    Two scorings with the same key produce the same SR content: the worker records it on the
+    result (detail ``"key"``) and produces no new SR when the latest result has the same key.
+    Raises :class:`ValueError` for a refusal reason without a code (see :func:`reason_code`)."""
+    entries: list[dict[str, object]] = []
+    for image in _in_sr_order(images):
+        entry: dict[str, object] = {"sop": image.sop_instance_uid, "hash": image.content_hash}
+        if image.probability is not None:
+            entry["probability"] = _rounded(image.probability)
+        else:
+            entry["refused"] = reason_code(image.refusal).value
+        entries.append(entry)
+    content = {
+        "schema": 1,
+        "study": study_uid,
+        "revision": revision,
+        "images": entries,
+        "model": {"name": manifest.name, "version": manifest.version,
+                  "weights_sha256": manifest.weights_sha256, "validated": manifest.validated,
+                  "preprocessing": manifest.preprocessing.to_json()},
+        "thresholds": dataclasses.asdict(manifest.thresholds),
+    }
+    return hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":"))
+                          .encode()).hexdigest()
+
+
+def sr_instance_uid(key: str, previous_uid: str | None) -> str:
+    """The SR's SOP Instance UID from its :func:`result_key` and the SOP Instance UID of the SR
+    it supersedes (None for the first): the same content always gets the same UID, and a UID
+    never names two contents."""
+    return deterministic_uid("opacityd-sr", key, previous_uid or "")
+
+
+def sr_reference(study_uid: str, series_uid: str, sop_instance_uid: str) -> Dataset:
+    """What :func:`build_sr` needs of a predecessor SR (``previous``) when its file is not at
+    hand: the result row holds all of it."""
+    ds = Dataset()
+    ds.StudyInstanceUID = study_uid
+    ds.SeriesInstanceUID = series_uid
+    ds.SOPClassUID = COMPREHENSIVE_SR
+    ds.SOPInstanceUID = sop_instance_uid
+    return ds
 
 
 def _algorithm(manifest: Manifest) -> hd.sr.AlgorithmIdentification:
@@ -152,13 +268,24 @@ def _group(label: str, uid_seed: Sequence[str], manifest: Manifest, sources: Seq
 
 
 def _probability(value: float) -> hd.sr.Measurement:
-    return hd.sr.Measurement(name=PROBABILITY, value=round(value, 6), unit=NO_UNITS)
+    return hd.sr.Measurement(name=PROBABILITY, value=_rounded(value), unit=NO_UNITS)
 
 
 def build_sr(study_uid: str, images: Sequence[ImageOutcome], manifest: Manifest, *,
-             revision: int = 1, previous: Dataset | None = None) -> Dataset:
+             revision: int = 1, previous: Dataset | None = None,
+             created: datetime | None = None) -> Dataset:
     """The Comprehensive SR for one study. The study probability is the maximum over its
-    scored images (a study is as abnormal as its most abnormal frontal image)."""
+    scored images (a study is as abnormal as its most abnormal frontal image).
+
+    ``previous``: the SR this one supersedes (its file, or :func:`sr_reference`); it is listed
+    in the Predecessor Documents Sequence. The SOP Instance UID is
+    ``sr_instance_uid(result_key(study_uid, revision, images, manifest), previous UID)``.
+    ``created``: the Content and Instance Creation Date/Time (default: now, local time); with
+    the same ``created`` the same inputs give the same bytes.
+    Raises :class:`ValueError` for a refusal reason without a code (see :func:`reason_code`)."""
+    images = _in_sr_order(images)
+    key = result_key(study_uid, revision, images, manifest)
+    previous_uid = str(previous.SOPInstanceUID) if previous is not None else None
     scored = [i for i in images if i.probability is not None]
     refused = [i for i in images if i.probability is None]
     study_p = study_probability(images)
@@ -174,15 +301,15 @@ def build_sr(study_uid: str, images: Sequence[ImageOutcome], manifest: Manifest,
     groups = [_group("study", [study_uid, "study", manifest.version], manifest,
                      [i.header for i in scored], study_measurements, study_evaluations)]
     for image in scored:
-        sop = str(image.header.SOPInstanceUID)
+        sop = image.sop_instance_uid
         groups.append(_group(f"image {sop}"[:64], [study_uid, sop, manifest.version], manifest,
                              [image.header], [_probability(float(image.probability or 0.0))], []))
     for image in refused:
-        sop = str(image.header.SOPInstanceUID)
+        sop = image.sop_instance_uid
         groups.append(_group(f"refused {sop}"[:64], [study_uid, sop, "refused"], manifest,
                              [image.header], [],
                              [hd.sr.QualitativeEvaluation(IMAGE_NOT_ANALYSABLE,
-                                                          _reason_code(image.refusal or "unknown"))]))
+                                                          reason_code(image.refusal))]))
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
@@ -198,13 +325,13 @@ def build_sr(study_uid: str, images: Sequence[ImageOutcome], manifest: Manifest,
     if not manifest.validated:
         description += f" - {NOT_FOR_CLINICAL_USE}"
     evidence = [_evidence(i.header) for i in images]
+    when = created or datetime.now()
     sr = hd.sr.ComprehensiveSR(
         evidence=evidence,
         content=report,
         series_instance_uid=sr_series_uid(study_uid, manifest),
         series_number=9901,
-        sop_instance_uid=sr_instance_uid(study_uid, [str(i.header.SOPInstanceUID) for i in scored],
-                                         manifest),
+        sop_instance_uid=sr_instance_uid(key, previous_uid),
         instance_number=revision,
         manufacturer=OWN_MANUFACTURER,
         is_complete=True,
@@ -212,5 +339,13 @@ def build_sr(study_uid: str, images: Sequence[ImageOutcome], manifest: Manifest,
         series_description=description[:64],
         manufacturer_model_name=manifest.name[:64],
         software_versions=manifest.version[:64],
+        content_date=when.date(),
+        content_time=when.time(),
     )
+    # highdicom stamps the instance creation and its own contribution with its clock: make
+    # them the same moment, so nothing in the SR depends on when it was built but ``created``.
+    sr.InstanceCreationDate = sr.ContentDate
+    sr.InstanceCreationTime = sr.ContentTime
+    for item in sr.get("ContributingEquipmentSequence", []):
+        item.ContributionDateTime = DT(when)
     return sr

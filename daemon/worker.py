@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import json
 import os
 import signal
 import socket
@@ -46,13 +47,13 @@ from daemon.report import (
     ImageOutcome,
     build_sr,
     priority_for,
-    sr_instance_uid,
+    result_key,
     study_probability,
     with_threshold_overrides,
 )
 from daemon.spool import TEMP_SUFFIX, Spool
 from db import jobs
-from db.engine import create_db_engine, make_session_factory, unit_of_work
+from db.engine import create_db_engine, make_session_factory, read_only, unit_of_work
 from db.jobs import FailureReason
 from model.durable import fsync_dir
 from model.errors import BundleError, PreprocessError
@@ -256,7 +257,7 @@ class Worker:
         try:
             for job in claimed:
                 try:
-                    with unit_of_work(self.sessions) as session:
+                    with read_only(self.sessions) as session:
                         inputs[job.job_id] = jobs.job_inputs(session, job.study_id)
                 except Exception as e:  # noqa: BLE001 - this job's boundary: its inputs could not be read
                     failures[job.job_id] = (classify(e, FailureReason.DATABASE_ERROR), e)
@@ -315,6 +316,12 @@ class Worker:
             return
         share = (time.perf_counter() - started) / len(chunk)
         for img, p in zip(chunk, probabilities, strict=True):
+            if not np.isfinite(p):  # a broken network or input: never a score in an SR
+                failures.setdefault(img.job.job_id, (JobFailure(
+                    FailureReason.INFERENCE_ERROR, False,
+                    "the network returned a non-finite probability for an image of this study"),
+                    None))
+                continue
             img.probability = float(p)
             img.inference_s = share
             img.array = None
@@ -335,7 +342,7 @@ class Worker:
         """Build, write and record the job's SR; returns the failure when the job's images do
         not allow a result (``stage`` says what was under way when something raised)."""
         manifest = self.manifest
-        outcomes = [ImageOutcome(img.header, img.probability, img.refusal)
+        outcomes = [ImageOutcome(img.header, img.probability, img.refusal, img.content_hash)
                     for img in images if img.header is not None]
         unreadable = [f"{img.sop_uid} ({img.refusal})" for img in images if img.header is None]
         if unreadable:
@@ -348,14 +355,15 @@ class Worker:
         study_p = study_probability(outcomes)
         scored = [str(o.header.SOPInstanceUID) for o in outcomes if o.probability is not None]
         stage.reason = FailureReason.DATABASE_ERROR
-        with unit_of_work(self.sessions) as session:
+        with read_only(self.sessions) as session:
             previous = jobs.latest_result(session, job.study_id)
             previous_path = previous.sr_path if previous is not None else None
-            previous_uid = previous.sr_sop_instance_uid if previous is not None else None
+            previous_key = json.loads(previous.detail).get("key") if previous is not None else None
         stage.reason = FailureReason.INTERNAL_ERROR
+        key = result_key(job.study_uid, job.revision, outcomes, manifest)
         previous_sr = None
-        # The same scored images and model give the same SR: it supersedes nothing.
-        if (previous_path and previous_uid != sr_instance_uid(job.study_uid, scored, manifest)
+        # The same content (same result key) supersedes nothing.
+        if (previous_path and previous_key != key
                 and self.spool.absolute(previous_path).exists()):
             previous_sr = pydicom.dcmread(self.spool.absolute(previous_path))
         stage.reason = FailureReason.SR_BUILD_FAILED
@@ -376,7 +384,7 @@ class Worker:
             inference_seconds=round(sum(img.inference_s for img in images), 4),
             sr_sop_instance_uid=str(sr.SOPInstanceUID), sr_series_uid=str(sr.SeriesInstanceUID),
             sr_path=relative,
-            detail={"images": {str(o.header.SOPInstanceUID): (
+            detail={"key": key, "images": {str(o.header.SOPInstanceUID): (
                 {"probability": round(o.probability, 6)} if o.probability is not None
                 else {"refused": o.refusal}) for o in outcomes},
                 "ineligible": {i.sop_instance_uid: i.reason for i in items if not i.eligible}},
