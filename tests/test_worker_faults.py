@@ -436,6 +436,8 @@ def test_job_whose_worker_vanishes_max_attempts_times_ends_failed_abandoned(
     (alert,) = _events(log, "job_abandoned")
     assert alert["level"] == "critical" and alert["study_uid"] == study.StudyInstanceUID
     assert [e["status"] for e in _events(log, "worker_process_exited")] == ["SIGKILL"] * 3
+    waits = [e["restart_in_s"] for e in _events(log, "worker_restart_scheduled")]
+    assert len(waits) == 3 and waits[2] > waits[0]  # the backoff grows while it keeps dying
     status, body = _http(db.config, "/readyz")
     ready = json.loads(body)
     assert status == 503 and "worker" in ready["failed"]
