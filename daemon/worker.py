@@ -48,6 +48,7 @@ from daemon.report import (
     build_sr,
     priority_for,
     result_key,
+    sr_reference,
     study_probability,
     with_threshold_overrides,
 )
@@ -354,20 +355,29 @@ class Worker:
                               "no eligible image is held for this study")
         study_p = study_probability(outcomes)
         scored = [str(o.header.SOPInstanceUID) for o in outcomes if o.probability is not None]
+        stage.reason = FailureReason.SR_BUILD_FAILED
+        key = result_key(job.study_uid, job.revision, outcomes, manifest)
         stage.reason = FailureReason.DATABASE_ERROR
         with read_only(self.sessions) as session:
-            previous = jobs.latest_result(session, job.study_id)
-            previous_path = previous.sr_path if previous is not None else None
-            previous_key = json.loads(previous.detail).get("key") if previous is not None else None
-        stage.reason = FailureReason.INTERNAL_ERROR
-        key = result_key(job.study_uid, job.revision, outcomes, manifest)
-        previous_sr = None
-        # The same content (same result key) supersedes nothing.
-        if (previous_path and previous_key != key
-                and self.spool.absolute(previous_path).exists()):
-            previous_sr = pydicom.dcmread(self.spool.absolute(previous_path))
+            latest = jobs.latest_result(session, job.study_id)
+            previous = None if latest is None else (
+                latest.sr_sop_instance_uid, latest.sr_series_uid,
+                json.loads(latest.detail or "{}").get("key"))
+        if previous is not None and previous[2] == key:
+            # The study's latest SR already says exactly this: nothing new to build or send.
+            with unit_of_work(self.sessions) as session:
+                done = jobs.finish_unchanged(session, job, self.owner, previous[0], utcnow())
+            if not done:
+                log.warning("job_lost_lease", owner=self.owner)
+                return None
+            log.info("study_scored", outcome="unchanged", sr=previous[0], model=manifest.label)
+            return None
         stage.reason = FailureReason.SR_BUILD_FAILED
-        sr = build_sr(job.study_uid, outcomes, manifest, revision=job.revision, previous=previous_sr)
+        # The predecessor is named from its result row: its file need not be read (or held).
+        predecessor = None if previous is None else sr_reference(job.study_uid, previous[1],
+                                                                 previous[0])
+        sr = build_sr(job.study_uid, outcomes, manifest, revision=job.revision,
+                      previous=predecessor)
         buffer = pydicom.filebase.DicomBytesIO()
         sr.save_as(buffer, enforce_file_format=True)
         stage.reason = FailureReason.SR_WRITE_FAILED

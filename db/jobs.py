@@ -229,18 +229,15 @@ def finish_job(session: Session, claimed: ClaimedJob, owner: str, record: Result
     (same SOP Instance UID: same instances, same model) already exists, so
     nothing new is produced, and None when the job is no longer ours.
     """
-    job = _own_running_job(session, claimed.job_id, owner)
-    if job is None:
-        return None
-    set_job_state(job, JobState.DONE, now)
-    job.lease_owner = None
-    job.lease_expires_at = None
     existing = session.scalar(sa.select(Result.id).where(
         Result.sr_sop_instance_uid == record.sr_sop_instance_uid))
     if existing is not None:
-        audit(session, AuditAction.JOB_DONE, owner, now, study_uid=claimed.study_uid,
-              job_id=claimed.job_id, outcome="unchanged", sr=record.sr_sop_instance_uid)
-        return False
+        return False if finish_unchanged(session, claimed, owner, record.sr_sop_instance_uid,
+                                         now) else None
+    job = _own_running_job(session, claimed.job_id, owner)
+    if job is None:
+        return None
+    _done(job, now)
     result = Result(job_id=claimed.job_id, study_id=claimed.study_id,
                     study_revision=claimed.revision, model_name=record.model_name,
                     model_version=record.model_version, model_validated=record.model_validated,
@@ -262,6 +259,25 @@ def finish_job(session: Session, claimed: ClaimedJob, owner: str, record: Result
           destinations=destinations)
     audit(session, AuditAction.JOB_DONE, owner, now, study_uid=claimed.study_uid,
           job_id=claimed.job_id, outcome="new_result")
+    return True
+
+
+def _done(job: Job, now: datetime) -> None:
+    set_job_state(job, JobState.DONE, now)
+    job.lease_owner = None
+    job.lease_expires_at = None
+
+
+def finish_unchanged(session: Session, claimed: ClaimedJob, owner: str, sr_sop_instance_uid: str,
+                     now: datetime) -> bool:
+    """The job's result is an SR the study already has (same content, same UID): the job
+    becomes DONE and nothing new is recorded or sent. False when the job is no longer ours."""
+    job = _own_running_job(session, claimed.job_id, owner)
+    if job is None:
+        return False
+    _done(job, now)
+    audit(session, AuditAction.JOB_DONE, owner, now, study_uid=claimed.study_uid,
+          job_id=claimed.job_id, outcome="unchanged", sr=sr_sop_instance_uid)
     return True
 
 
