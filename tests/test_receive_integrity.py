@@ -27,6 +27,7 @@ from pydicom.uid import generate_uid
 from sqlalchemy.orm import Session, sessionmaker
 
 from daemon.config import Config, load_config
+from daemon.spool import Spool
 from db import queue
 from db.engine import create_db_engine, make_session_factory, read_only, unit_of_work
 from db.models import AuditEvent, Instance, Job, Result, Study
@@ -232,6 +233,10 @@ def test_resend_with_other_bytes_under_replace_and_rescore_keeps_both_and_scores
     with read_only(sessions) as s:
         study = s.scalar(sa.select(Study))
     assert study is not None and (study.state, study.revision) == (StudyState.COMPLETE, 2)
+    # Other bytes were scored, so the result is another one, with its own SR.
+    scored = wait_until(lambda: len(results()) == 2 and results(), what="the second result")
+    assert [r.study_revision for r in scored] == [1, 2]
+    assert scored[0].sr_sop_instance_uid != scored[1].sr_sop_instance_uid
     assert 'opacityd_duplicate_conflicts_total{policy="replace_and_rescore"} 1.0' in _metrics(config)
 
 
@@ -427,3 +432,19 @@ def test_replacing_an_eligible_copy_by_an_ineligible_one_reopens_but_queues_noth
         queue.StoreOutcome.NEW_VERSION, 2, "3.1.1.v2.dcm", True)
     (done,) = _close(sessions, NOW + 20 * QUIET)
     assert (done.state, done.revision, done.job_id) == (StudyState.IGNORED, 2, None)
+
+
+def test_placing_a_file_never_replaces_one_that_holds_its_name(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    ids = ("1.2", "1.2.3", "1.2.3.4")
+    names = []
+    for version, content in ((1, b"first"), (2, b"second")):
+        temp = spool.write_temp(*ids, [content])
+        names.append(spool.place(temp, *ids, version=version))
+        spool.discard(temp)
+    first, second = names
+    assert first == "1.2/1.2.3/1.2.3.4.dcm" and second.startswith("1.2/1.2.3/1.2.3.4.v2.")
+    assert (tmp_path / first).read_bytes() == b"first"
+    assert (tmp_path / second).read_bytes() == b"second"
+    assert sorted(p.name for p in (tmp_path / "1.2" / "1.2.3").iterdir()) == sorted(
+        Path(n).name for n in names)
