@@ -506,3 +506,46 @@ def test_a_batch_slower_than_the_lease_keeps_its_jobs_from_a_second_worker(
     assert _srs_at(pacs) == {ds.StudyInstanceUID: 1 for ds in studies}
     for w in two:
         assert _events(w.log_path, "lease_lost") == [] and _events(w.log_path, "job_lost_lease") == []
+
+
+def test_a_worker_that_stayed_up_is_restarted_after_the_shortest_wait(
+        tmp_path: Path, daemons: list[DaemonProcess], pacs: Pacs, demo_bundle: Path) -> None:
+    # restart_max_s is also how long a worker must stay up to count as healthy again; loading
+    # the model alone takes longer than this, so no death here is a quick one after the first.
+    daemon, cfg = start_daemon(tmp_path, daemons, _extra(pacs, restart_base_s=0.3,
+                                                         restart_max_s=0.6),
+                               bundle=demo_bundle)
+    config = load_config(cfg, env={})
+    run_dir = config.state_dir / "run"
+    log = tmp_path / "daemon.log"
+    for death in range(1, 3):
+        marker = wait_until(lambda: next(iter(run_dir.glob("worker-*.ready")), None), timeout=90,
+                            what=f"worker number {death} to load the model")
+        wait_until(lambda n=death: len(_events(log, "worker_process_stable")) >= n - 1, timeout=30,
+                   what="the supervisor to see the restarted worker stay up")
+        os.kill(int(marker.name.split("-")[1].split(".")[0]), signal.SIGKILL)
+        wait_until(lambda n=death: len(_events(log, "worker_restart_scheduled")) == n, timeout=30,
+                   what=f"restart number {death} scheduled")
+    scheduled = _events(log, "worker_restart_scheduled")
+    assert [e["quick_deaths"] for e in scheduled] == [1, 1]
+    assert all(e["restart_in_s"] <= 0.3 * 1.5 for e in scheduled)  # the base wait, jittered
+    status, body = _http(config, "/readyz")
+    assert "worker" not in json.loads(body)["failed"]
+    assert daemon.terminate() == 0
+
+
+def test_a_logged_traceback_names_frames_and_types_but_never_the_message() -> None:
+    from daemon.worker import traceback_text
+
+    def build() -> None:
+        raise TypeError(f"Invalid value {SENTINEL_PHI['PatientName']!r}")
+    try:
+        try:
+            build()
+        except TypeError as e:
+            raise RuntimeError(SENTINEL_PHI["PatientID"]) from e
+    except RuntimeError as e:
+        text = traceback_text(e)
+    assert "in build" in text and "builtins.TypeError" in text and "builtins.RuntimeError" in text
+    assert text.index("builtins.TypeError") < text.index("builtins.RuntimeError")  # cause first
+    _no_phi(text)
