@@ -149,7 +149,13 @@ class _Image:
 
 class LeaseRenewer:
     """Renews the leases of a batch's jobs every ``lease / 3`` while it runs, so a slow batch is
-    never taken by another worker. A context manager; :meth:`release` drops a finished job."""
+    never taken by another worker. A context manager; :meth:`release` drops a finished job.
+
+    It gives up after ``HUNG_AFTER_LEASES`` leases: a batch that long is taken as hung (a
+    network call that never returns would otherwise hold its jobs for ever), so its leases
+    lapse and another worker claims the jobs again (an attempt each)."""
+
+    HUNG_AFTER_LEASES = 10
 
     def __init__(self, sessions: sessionmaker[Session], owner: str, lease: timedelta,
                  job_ids: Iterable[int]) -> None:
@@ -175,11 +181,16 @@ class LeaseRenewer:
 
     def _run(self) -> None:
         interval = self.lease.total_seconds() / 3
+        give_up = time.monotonic() + self.HUNG_AFTER_LEASES * self.lease.total_seconds()
         while not self._stop.wait(interval):
             with self._lock:
                 pending = sorted(self._jobs)
             if not pending:
                 continue
+            if time.monotonic() >= give_up:
+                log.error("lease_renewal_stopped", jobs=pending, owner=self.owner,
+                          why=f"batch ran longer than {self.HUNG_AFTER_LEASES} leases")
+                return
             try:
                 with unit_of_work(self.sessions) as session:
                     now = utcnow()

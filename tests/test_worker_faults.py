@@ -483,7 +483,7 @@ def test_separate_worker_reclaiming_an_expired_lease_on_the_last_attempt_abandon
 def test_a_batch_slower_than_the_lease_keeps_its_jobs_from_a_second_worker(
         tmp_path: Path, daemons: list[DaemonProcess], workers: list[WorkerProcess], pacs: Pacs,
         demo_bundle: Path, db_of: Any) -> None:
-    lease_s = 0.6
+    lease_s = 1.0
     daemon, cfg = _separate_worker(tmp_path, daemons, pacs, demo_bundle, lease_s=lease_s,
                                    batch_size=8, threads=1)
     db = db_of(cfg)
@@ -502,7 +502,7 @@ def test_a_batch_slower_than_the_lease_keeps_its_jobs_from_a_second_worker(
     done = dict(db.query(sa.select(AuditEvent.study_uid, AuditEvent.at)
                          .where(AuditEvent.action == AuditAction.JOB_DONE)))
     held = max((done[uid] - at).total_seconds() for uid, at in claims)
-    assert held > 3 * lease_s  # the batch outlived its first lease many times over
+    assert held > 2 * lease_s  # the batch outlived its first lease (renewed, not taken)
     assert _srs_at(pacs) == {ds.StudyInstanceUID: 1 for ds in studies}
     for w in two:
         assert _events(w.log_path, "lease_lost") == [] and _events(w.log_path, "job_lost_lease") == []
