@@ -36,7 +36,8 @@ def scrub_library_values(_logger: Any, _method: str, event_dict: EventDict) -> E
     pydicom (and warnings routed through ``py.warnings``) quote header values, which may be
     patient data, in their messages; we keep the message and drop the value."""
     name = str(event_dict.get("logger", ""))
-    if name.split(".")[0] in _QUOTING_LOGGERS and isinstance(event_dict.get("event"), str):
+    quoting = any(name == n or name.startswith(f"{n}.") for n in _QUOTING_LOGGERS)
+    if quoting and isinstance(event_dict.get("event"), str):
         event_dict["event"] = _QUOTED.sub("'…'", event_dict["event"])
     return event_dict
 

@@ -78,7 +78,8 @@ def read_dicom(path: str | Path) -> Dataset:
         try:
             ds = pydicom.dcmread(path, force=True)  # raw data sets without preamble/meta
         except Exception as e:  # noqa: BLE001 - pydicom raises many types on garbage
-            raise PreprocessError(Refusal.NOT_READABLE, f"not a DICOM file: {e}"[:200]) from e
+            # The type only: pydicom's messages may quote header values (patient data).
+            raise PreprocessError(Refusal.NOT_READABLE, f"not a DICOM file ({type(e).__name__})") from e
         if "SOPClassUID" not in ds and "PixelData" not in ds:
             raise PreprocessError(Refusal.NOT_READABLE, "not a DICOM file") from None
         if "TransferSyntaxUID" not in ds.file_meta:
@@ -88,7 +89,7 @@ def read_dicom(path: str | Path) -> Dataset:
                                               else ExplicitVRLittleEndian)
         return ds
     except (OSError, ValueError, EOFError) as e:
-        raise PreprocessError(Refusal.NOT_READABLE, f"{type(e).__name__}: {e}"[:200]) from e
+        raise PreprocessError(Refusal.NOT_READABLE, f"cannot read the file ({type(e).__name__})") from e
 
 
 def load_display(source: Dataset | str | Path, spec: PreprocessSpec) -> Display:
