@@ -13,18 +13,20 @@ import json
 import subprocess
 import sys
 import textwrap
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
 import pytest
 import sqlalchemy as sa
 from pydicom.uid import generate_uid
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session, joinedload, sessionmaker
 
 from daemon.config import Config, load_config
 from daemon.spool import Spool
@@ -80,7 +82,7 @@ def _sessions(cfg: Path) -> tuple[Config, sessionmaker[Session]]:
 
 def _rows(sessions: sessionmaker[Session], sop_uid: str | None = None) -> list[Instance]:
     with read_only(sessions) as s:
-        query = sa.select(Instance).order_by(Instance.id)
+        query = sa.select(Instance).options(joinedload(Instance.study)).order_by(Instance.id)
         if sop_uid is not None:
             query = query.where(Instance.sop_instance_uid == sop_uid)
         return list(s.scalars(query))
@@ -95,6 +97,15 @@ def _audit(sessions: sessionmaker[Session], action: AuditAction) -> list[dict[st
 def _metrics(config: Config) -> str:
     with urllib.request.urlopen(f"http://127.0.0.1:{config.http.port}/metrics", timeout=30) as r:
         return str(r.read().decode())
+
+
+def _get_json(url: str) -> dict[str, Any]:
+    """The JSON body of a GET, whatever its status (/readyz answers 503 with a body)."""
+    try:
+        with urllib.request.urlopen(url, timeout=30) as r:
+            return dict(json.loads(r.read()))
+    except urllib.error.HTTPError as e:
+        return dict(json.loads(e.read()))
 
 
 @contextmanager
@@ -142,11 +153,17 @@ def test_resend_while_another_process_holds_the_database_lock_keeps_the_acknowle
     with _write_lock_held(Path(config.database_url.removeprefix("sqlite:///"))):
         _, same_ack = storescu(daemon.port, [first])
         _, other_ack = storescu(daemon.port, [other])
-        # Reading goes on while the lock is held: metrics and the worklist take no write lock.
+        # Reading goes on while the lock is held: none of these takes the write lock.
         assert "opacityd_instances_received_total" in _metrics(config)
-        listing = subprocess.run([OPACITYD, "--config", str(cfg), "worklist", "--json"],
-                                 capture_output=True, text=True, timeout=60)
-        assert listing.returncode == 0, listing.stderr
+        base = f"http://127.0.0.1:{config.http.port}"
+        assert _get_json(f"{base}/readyz")["checks"]["database"]["ok"] is True
+        assert _get_json(f"{base}/api/v1/worklist")["studies"] == []
+        assert len(_get_json(f"{base}/api/v1/studies/{row.study.study_uid}")["instances"]) == 1
+        for command in (["worklist", "--json"], ["status"], ["studies"],
+                        ["audit", row.study.study_uid], ["deliveries"]):
+            proc = subprocess.run([OPACITYD, "--config", str(cfg), *command],
+                                  capture_output=True, text=True, timeout=60)
+            assert proc.returncode == 0, (command, proc.stderr)
 
     assert same_ack == {first: REFUSED} and other_ack == {other: REFUSED}
     assert acknowledged.read_bytes() == held
