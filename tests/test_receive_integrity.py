@@ -25,7 +25,7 @@ import numpy as np
 import pydicom
 import pytest
 import sqlalchemy as sa
-from pydicom.uid import generate_uid
+from pydicom.uid import UID, generate_uid
 from sqlalchemy.orm import Session, joinedload, sessionmaker
 
 from daemon.config import Config, load_config
@@ -55,7 +55,7 @@ def _copy(src: Path, dest: Path, *, study: str | None = None, series: str | None
         ds.SeriesInstanceUID = series
     if sop:
         ds.SOPInstanceUID = sop
-        ds.file_meta.MediaStorageSOPInstanceUID = sop
+        ds.file_meta.MediaStorageSOPInstanceUID = UID(sop)
     if view:
         ds.ViewPosition = view
     if other_pixels:
@@ -255,6 +255,35 @@ def test_resend_with_other_bytes_under_replace_and_rescore_keeps_both_and_scores
     assert [r.study_revision for r in scored] == [1, 2]
     assert scored[0].sr_sop_instance_uid != scored[1].sr_sop_instance_uid
     assert 'opacityd_duplicate_conflicts_total{policy="replace_and_rescore"} 1.0' in _metrics(config)
+
+
+def test_a_late_lateral_sent_to_serve_is_recorded_without_reopening_the_study(
+        tmp_path: Path, shared_dicom: Path, demo_bundle: Path,
+        daemons: list[DaemonProcess]) -> None:
+    daemon, cfg = start_daemon(tmp_path, daemons, NO_WORKER, bundle=demo_bundle)
+    _, sessions = _sessions(cfg)
+    frontal = _copy(shared_dicom / CHEST, tmp_path / "in" / "pa.dcm")
+    lateral = _copy(frontal, tmp_path / "in" / "ll.dcm", sop=generate_uid(), view="LL")
+
+    def study() -> tuple[StudyState, int, int]:
+        with read_only(sessions) as s:
+            row = s.scalar(sa.select(Study))
+            assert row is not None
+            return row.state, row.revision, len(s.scalars(sa.select(Job)).all())
+
+    _, acks = storescu(daemon.port, [frontal])
+    assert acks == {frontal: "Success"}
+    wait_until(lambda: study() == (StudyState.COMPLETE, 1, 1), what="the study completed")
+    _, acks = storescu(daemon.port, [lateral])
+    assert acks == {lateral: "Success"}
+    late = _rows(sessions)[-1]
+    assert (late.eligible, late.eligibility_reason, late.study_revision) == (
+        False, "lateral_view", 1)
+    assert study() == (StudyState.COMPLETE, 1, 1)
+    assert _audit(sessions, AuditAction.STUDY_REOPENED) == []
+    (received,) = [d for d in _audit(sessions, AuditAction.INSTANCE_RECEIVED)
+                   if d["reason"] == "lateral_view"]
+    assert received["reopened"] is False
 
 
 _POLLER = textwrap.dedent("""
