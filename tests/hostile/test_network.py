@@ -53,7 +53,7 @@ def _streams_until_closed(sock: socket.socket, header: bytes, total: int) -> int
     try:
         sock.sendall(header)
         while sent < total:
-            sent += sock.send(chunk)
+            sent += sock.send(chunk[:total - sent])
     except OSError:
         pass
     return sent
@@ -166,10 +166,17 @@ def test_a_p_data_pdu_beyond_the_negotiated_maximum_aborts_the_association(
     with target.under_attack() as watch, _associated(target.port, 3) as assoc:
         max_pdu = assoc.acceptor.maximum_length
         assert 0 < max_pdu <= 1 << 20, "serve must not advertise an unlimited PDU"
-        length = max_pdu + 1 if announced == "max_pdu_plus_one" else HUGE
+        context_id = assoc.accepted_contexts[0].context_id or 1
+        if announced == "max_pdu_plus_one":
+            # One byte over, otherwise well formed: a command fragment pynetdicom would keep.
+            header = pdu_header(P_DATA_TF, max_pdu + 1) + struct.pack(
+                ">LBB", max_pdu - 3, context_id, 0x01)
+            total = max_pdu + 1 - 6
+        else:
+            header, total = pdu_header(P_DATA_TF, HUGE), 256 << 20
         results: list[int] = []
         streamer = threading.Thread(target=lambda: results.append(
-            _streams_until_closed(_raw(assoc), pdu_header(P_DATA_TF, length), 256 << 20)))
+            _streams_until_closed(_raw(assoc), header, total)))
         streamer.start()
         assert store_seconds(target.port) < LEGIT_BOUND_S
         wait_until(lambda: assoc.is_aborted or not assoc.is_alive(), timeout=5,
