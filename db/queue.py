@@ -15,7 +15,7 @@ from datetime import datetime, timedelta
 from typing import Any, Literal, cast
 
 import sqlalchemy as sa
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from db.models import AuditEvent, Instance, Job, Study
@@ -155,24 +155,26 @@ def record_instance(session: Session, rec: InstanceRecord, now: datetime, *,
     is to be inserted. Under concurrent receivers (PostgreSQL) a lost race on the unique
     index is decided again, so ``place`` may run twice; the caller removes every placed
     file that :attr:`Stored.spool_path` does not name. Raises SQLAlchemyError when the
-    database fails, whatever ``place`` raises when the file cannot be placed.
+    database fails (also when the race is lost three times), whatever ``place`` raises
+    when the file cannot be placed.
     """
     placer: Placer = place if place is not None else (lambda _version: rec.spool_path)
-    for _attempt in range(3):
-        stored = _decide_and_record(session, rec, now, policy, placer)
+    attempts = 3
+    for attempt in range(1, attempts + 1):
+        stored = _decide_and_record(session, rec, now, policy, placer, attempt < attempts)
         if stored is not None:
             return stored
-    raise RuntimeError(f"instance {rec.sop_instance_uid} kept changing under concurrent writers")
+    raise AssertionError("unreachable: the last attempt raises instead of returning None")
 
 
 def _decide_and_record(session: Session, rec: InstanceRecord, now: datetime,
-                       policy: DuplicatePolicy, place: Placer) -> Stored | None:
-    """One decision; None when a concurrent writer won the race and it must be taken again."""
+                       policy: DuplicatePolicy, place: Placer, may_retry: bool) -> Stored | None:
+    """One decision; None when a concurrent writer won the race and it may be taken again."""
     conn = session.connection()
     current = conn.execute(_SELECT_CURRENT, {"sop_uid": rec.sop_instance_uid}).first()
     if current is None:
         last = conn.execute(_SELECT_LAST_VERSION, {"sop_uid": rec.sop_instance_uid}).scalar()
-        return _insert(session, rec, now, int(last or 0) + 1, place, supersedes=None)
+        return _insert(session, rec, now, int(last or 0) + 1, place, None, may_retry)
     held_hash = current.content_hash
     if held_hash is None or rec.content_hash is None or held_hash == rec.content_hash:
         count = conn.execute(_COUNT_DUPLICATE, {"iid": current.id}).scalar_one()
@@ -187,11 +189,11 @@ def _decide_and_record(session: Session, rec: InstanceRecord, now: datetime,
               policy=policy, held_hash=_short(held_hash), received_hash=_short(rec.content_hash),
               held_version=current.version, kept="held")
         return Stored(StoreOutcome.CONFLICT_KEPT_FIRST, int(current.version), None, held_hash)
-    return _insert(session, rec, now, int(current.version) + 1, place, supersedes=current)
+    return _insert(session, rec, now, int(current.version) + 1, place, current, may_retry)
 
 
 def _insert(session: Session, rec: InstanceRecord, now: datetime, version: int, place: Placer,
-            supersedes: sa.Row[Any, Any, Any, Any] | None) -> Stored | None:
+            supersedes: sa.Row[Any, Any, Any, Any] | None, may_retry: bool) -> Stored | None:
     conn = session.connection()
     try:
         # An ORM savepoint: rolled back, it also expires a study that _reopen changed.
@@ -200,7 +202,7 @@ def _insert(session: Session, rec: InstanceRecord, now: datetime, version: int, 
                 updated = cast(sa.CursorResult[Any], conn.execute(
                     _SUPERSEDE, {"iid": supersedes.id, "t_now": now}))
                 if updated.rowcount != 1:
-                    raise _Raced
+                    raise _Raced(f"instance {rec.sop_instance_uid} was superseded concurrently")
             # An eligible arrival, or the replacement of an eligible copy, changes what is scored.
             changes_scoring = rec.eligible or bool(supersedes is not None and supersedes.eligible)
             study_id, revision, reopened = _study_for_instance(session, rec, now, changes_scoring)
@@ -218,6 +220,8 @@ def _insert(session: Session, rec: InstanceRecord, now: datetime, version: int, 
     except (IntegrityError, _Raced):
         # Another receiver recorded this SOP Instance UID between our check and insert
         # (possible on PostgreSQL; SQLite's BEGIN IMMEDIATE serialises writers): decide again.
+        if not may_retry:
+            raise
         return None
     if supersedes is None:
         audit(session, AuditAction.INSTANCE_RECEIVED, rec.calling_ae, now,
@@ -233,7 +237,7 @@ def _insert(session: Session, rec: InstanceRecord, now: datetime, version: int, 
     return Stored(StoreOutcome.NEW_VERSION, version, spool_path, supersedes.content_hash, reopened)
 
 
-class _Raced(Exception):
+class _Raced(SQLAlchemyError):
     """The row to supersede was superseded by a concurrent writer."""
 
 
