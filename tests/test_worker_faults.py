@@ -14,6 +14,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -549,3 +550,67 @@ def test_a_logged_traceback_names_frames_and_types_but_never_the_message() -> No
     assert "in build" in text and "builtins.TypeError" in text and "builtins.RuntimeError" in text
     assert text.index("builtins.TypeError") < text.index("builtins.RuntimeError")  # cause first
     _no_phi(text)
+
+
+class WriteLock:
+    """Another process that takes SQLite's write lock (``BEGIN EXCLUSIVE``) on demand, started
+    beforehand so that taking the lock is quick."""
+
+    SCRIPT = ("import sqlite3, sys\n"
+              "conn = sqlite3.connect(sys.argv[1], isolation_level=None)\n"
+              "sys.stdin.readline()\n"
+              "conn.execute('BEGIN EXCLUSIVE')\n"
+              "print('locked', flush=True)\n"
+              "sys.stdin.readline()\n"
+              "conn.execute('ROLLBACK')\n")
+
+    def __init__(self, database: Path) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-c", self.SCRIPT, str(database)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def take(self) -> None:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write("take\n")
+        self.proc.stdin.flush()
+        assert self.proc.stdout.readline().strip() == "locked"
+
+    def release(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write("release\n")
+        self.proc.stdin.close()
+        assert self.proc.wait(timeout=30) == 0
+
+
+def test_database_locked_while_results_are_recorded_retries_and_one_sr_arrives(
+        tmp_path: Path, daemons: list[DaemonProcess], workers: list[WorkerProcess], pacs: Pacs,
+        demo_bundle: Path, db_of: Any) -> None:
+    daemon, cfg = start_daemon(tmp_path, daemons,
+                               _extra(pacs, embedded=False, lease_s=2.0) +
+                               "[database]\nbusy_timeout_ms = 300\n", bundle=demo_bundle)
+    db = db_of(cfg)
+    studies = [make_dx(1024, 1024, seed=i) for i in range(3)]
+    _store(daemon.port, tmp_path / "in", studies)
+    wait_until(lambda: len(db.query(sa.select(Job).where(Job.state == JobState.QUEUED))) == 3,
+               timeout=30, what="three queued jobs")
+    lock = WriteLock(Path(db.config.database_url.removeprefix("sqlite:///")))
+    worker = WorkerProcess(cfg, tmp_path / "worker.log").start()
+    workers.append(worker)
+    wait_until(lambda: _running_owner(db, set()), timeout=90, interval=0.005,
+               what="the worker to claim the batch")
+    lock.take()  # the batch is being scored: its results cannot be recorded, nor its failures
+    try:
+        unrecorded = wait_until(lambda: _events(worker.log_path, "job_failure_not_recorded"),
+                                timeout=60, what="a failure that could not be recorded")
+    finally:
+        lock.release()
+    assert unrecorded[0]["reason"] == "database_busy"
+    assert "OperationalError" in unrecorded[0]["error"]
+
+    # The unrecorded job keeps its lease until it expires; then it is claimed again.
+    wait_until(lambda: db.settled(3), timeout=120, what="every study scored after the lock")
+    jobs = db.jobs()
+    assert {uid: job[0] for uid, job in jobs.items()} == {
+        ds.StudyInstanceUID: JobState.DONE for ds in studies}
+    assert max(job[3] for job in jobs.values()) == 2
+    assert _srs_at(pacs) == {ds.StudyInstanceUID: 1 for ds in studies}
+    assert worker.alive() and worker.terminate() == 0
