@@ -17,6 +17,7 @@ import pytest
 
 from tests.conftest import DCMTK_ENV, DICOM_DIR, ECHOSCU, STORESCU, require
 from tests.daemon_process import DaemonProcess, start_daemon
+from tests.test_tls import pki  # noqa: F401 - the TLS test's CA and certificates, a fixture
 
 # Short bounds so each attack is over in seconds; the defaults are in config.toml.
 HOSTILE_RECEIVER = """max_associations = 4

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import random
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -28,11 +29,14 @@ from pynetdicom.sop_class import (
 )
 
 from daemon.config import load_config
-from tests.conftest import wait_until
+from tests.conftest import free_port, wait_until, write_config
 from tests.daemon_process import DaemonProcess, start_daemon
 from tests.hostile.conftest import (
+    HOSTILE_RECEIVER,
     HUGE,
     LEGIT_BOUND_S,
+    RSS_GROWTH_BOUND_KIB,
+    RssWatch,
     Target,
     attacker,
     closed_by_peer,
@@ -40,6 +44,8 @@ from tests.hostile.conftest import (
     pdu_header,
     store_seconds,
 )
+from tests.test_tls import _associate as _tls_associate
+from tests.test_tls import _client_context, _tls_config
 
 A_ASSOCIATE_RQ, P_DATA_TF = 0x01, 0x04
 
@@ -280,3 +286,46 @@ def test_sigterm_with_stalled_connections_exits_within_the_grace(
         assert time.monotonic() - started < grace_s + 3
     assert daemon.proc is not None and daemon.proc.returncode == 0
     assert "receiver_stopped" in daemon.output()
+
+
+
+class _TlsDaemon(DaemonProcess):
+    """serve with TLS required: started once a TLS C-ECHO with a client certificate works."""
+
+    def __init__(self, config: Path, log: Path, port: int, tls: ssl.SSLContext) -> None:
+        super().__init__(config, log, port)
+        self.tls = tls
+
+    def _answers_echo(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise AssertionError(f"opacityd exited with {self.proc.returncode}:\n{self.output()}")
+        assoc = _tls_associate(self.port, self.tls)
+        if assoc.is_established:
+            assoc.release()
+            return True
+        return False
+
+
+def test_stalled_tls_handshakes_do_not_block_the_accept_loop(
+        tmp_path: Path, daemons: list[DaemonProcess], demo_bundle: Path, pki: Path) -> None:
+    port = free_port()
+    tls = _client_context(pki, "client")
+    cfg = write_config(tmp_path / "d", HOSTILE_RECEIVER + _tls_config(pki, True), port=port,
+                       bundle=demo_bundle)
+    daemon = _TlsDaemon(cfg, tmp_path / "daemon.log", port, tls)
+    daemons.append(daemon)
+    daemon.start()
+    assert daemon.proc is not None
+    watch = RssWatch(daemon.proc.pid)
+    with ExitStack() as stack:
+        # TCP connected, no ClientHello: upstream's accept loop blocks in the handshake.
+        stalled = [stack.enter_context(attacker(port, 2 + i)) for i in range(10)]
+        started = time.monotonic()
+        assoc = _tls_associate(port, tls)
+        assert assoc.is_established
+        assert assoc.send_c_echo().Status == 0
+        assoc.release()
+        assert time.monotonic() - started < LEGIT_BOUND_S
+        assert all(closed_by_peer(sock, 4.0) for sock in stalled)
+    assert watch.stop() < RSS_GROWTH_BOUND_KIB
