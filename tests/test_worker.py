@@ -82,7 +82,7 @@ def test_two_workers_on_one_database_score_each_job_exactly_once(tmp_path: Path,
         assert {actor for actor, _ in claims} == {"w0", "w1"}
 
 
-def test_late_instance_rescored_and_same_instances_produce_nothing_new(
+def test_late_lateral_changes_nothing_and_late_frontal_supersedes_in_the_same_series(
         tmp_path: Path, predictor: Predictor) -> None:
     with running_receiver(tmp_path, quiet_s=600) as h:
         worker = _worker(h, predictor, "w")
@@ -90,11 +90,11 @@ def test_late_instance_rescored_and_same_instances_produce_nothing_new(
         _send(h, pa)
         _close_studies(h)
         worker.run_once()
-        # A late lateral re-opens the study; the rescoring sees the same scored image.
+        # A late lateral is recorded but does not re-open the study: nothing is scored again.
         _send(h, make_dx(96, 96, study_uid=pa.StudyInstanceUID, view="LL", seed=5))
         _close_studies(h)
         worker.run_once()
-        assert _count(h, Job, Job.state == JobState.DONE) == 2
+        assert _count(h, Job, Job.state == JobState.DONE) == 1
         assert _count(h, Result) == 1
         # A late frontal image changes the evidence: a new SR in the same series, superseding.
         _send(h, make_dx(96, 96, study_uid=pa.StudyInstanceUID, seed=6))
