@@ -1,46 +1,133 @@
-"""Deliver SRs to the configured destinations with C-STORE, retrying with backoff.
+"""Deliver SRs to the configured destinations with C-STORE; each outcome is retried or final.
 
-Runs as a scheduler job in `opacityd serve`. Four ways a PACS can let us down
-are recorded as four different reasons: ``association_rejected`` (it
-answered A-ASSOCIATE-RJ), ``tls_failed`` (the TLS handshake failed; the detail
-is OpenSSL's reason, e.g. an unverifiable certificate), ``unreachable`` (no
-answer, refused connection, abort), and ``failure_status`` (it answered the
-C-STORE with a failure).
-After ``delivery.max_attempts`` a delivery becomes FAILED and an alert-level
-event is logged. The SR's SOP Instance UID is deterministic, so a re-send
-after a crash is the same object and the PACS de-duplicates it.
+Runs as a scheduler job in `opacityd serve`. Every attempt ends in one
+:class:`Outcome` whose reason (:class:`DeliveryReason`) says what happened.
+
+Retried with ``config.delivery.retry`` (transient; after the last attempt the
+delivery becomes FAILED with an alert):
+
+- ``out_of_resources``: the PACS answered 0xA7xx.
+- ``association_rejected_transient``: A-ASSOCIATE-RJ "rejected (transient)"
+  (e.g. the PACS is at its association limit).
+- ``unreachable``: refused connection, network error, no answer within
+  ``delivery.timeout_s`` (the detail says which).
+- ``connection_lost``: the association was aborted, or no C-STORE response
+  came within the timeout.
+- ``tls_failed``: the TLS handshake failed; the detail is OpenSSL's reason (an
+  unverifiable certificate, a client certificate required, not a TLS port).
+- ``internal_error``: an unexpected exception in this attempt (logged with its
+  traceback).
+
+Final at once (permanent: the same request would get the same answer), with
+an alert-level event:
+
+- ``association_rejected``: A-ASSOCIATE-RJ "rejected (permanent)" (AE title,
+  allow-list).
+- ``no_presentation_context``: the PACS accepted none of our Comprehensive SR
+  contexts.
+- ``sop_class_not_supported`` (0x0122), ``dataset_mismatch`` (0xA9xx),
+  ``cannot_understand`` (0xCxxx), ``failure_status`` (any other failure status).
+- ``sr_unreadable``: the SR file is missing, unreadable, or not the SR its
+  result names.
+- ``destination_not_configured``: the destination is no longer an enabled one.
+
+The detail of a C-STORE answer is its status and Error Comment; it is kept on
+the delivery row, and logs carry only the status (an Error Comment is the
+PACS's free text and may quote header values). After a fix, ``opacityd resend
+STUDY_UID`` queues a failed delivery again. The SR's SOP Instance UID is
+derived from its content, so a re-send after a crash is the same object and the
+PACS de-duplicates it.
 """
 
 from __future__ import annotations
 
-import random
+import enum
+import errno
 import socket
 import ssl
+import struct
+import traceback
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 import pydicom
 import structlog
+from pydicom.errors import InvalidDicomError
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
+from pynetdicom.association import Association
+from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, code_to_category
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from daemon.config import Config, DestinationConfig
+from daemon.report import COMPREHENSIVE_SR
 from daemon.spool import Spool
 from db import deliveries
 from db.engine import unit_of_work
 from db.states import DeliveryState
 
 log = structlog.get_logger("opacityd.sender")
-COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"
+
+PROBE_TIMEOUT_S = 5.0
+"""Longest wait of the bare connection that names why an association failed."""
+
+
+class DeliveryReason(enum.StrEnum):
+    """``deliveries.last_reason``: what the last attempt of a delivery came to."""
+
+    DELIVERED = "delivered"
+    OUT_OF_RESOURCES = "out_of_resources"
+    ASSOCIATION_REJECTED_TRANSIENT = "association_rejected_transient"
+    UNREACHABLE = "unreachable"
+    CONNECTION_LOST = "connection_lost"
+    TLS_FAILED = "tls_failed"
+    INTERNAL_ERROR = "internal_error"
+    ASSOCIATION_REJECTED = "association_rejected"
+    NO_PRESENTATION_CONTEXT = "no_presentation_context"
+    SOP_CLASS_NOT_SUPPORTED = "sop_class_not_supported"
+    DATASET_MISMATCH = "dataset_mismatch"
+    CANNOT_UNDERSTAND = "cannot_understand"
+    FAILURE_STATUS = "failure_status"
+    SR_UNREADABLE = "sr_unreadable"
+    DESTINATION_NOT_CONFIGURED = "destination_not_configured"
 
 
 @dataclass(frozen=True)
 class Outcome:
+    """One attempt's result. ``transient``: a later attempt may succeed (retry with the
+    policy); otherwise a failure is final at once. ``status``: the C-STORE status, if any."""
+
     delivered: bool
-    reason: str
+    reason: DeliveryReason
     detail: str
+    transient: bool = False
+    status: int | None = None
+
+    @property
+    def log_detail(self) -> str:
+        """The detail without the PACS's Error Comment (free text that may quote header values)."""
+        return self.detail if self.status is None else f"status 0x{self.status:04X}"
+
+
+def classify_status(code: int, comment: str = "") -> Outcome:
+    """What a C-STORE response status means for the delivery: success and warnings are
+    delivered, 0xA7xx (out of resources) is retried, every other failure is final."""
+    detail = f"status 0x{code:04X} {comment}".strip()
+    category = code_to_category(code)
+    if category in (STATUS_SUCCESS, STATUS_WARNING):
+        return Outcome(True, DeliveryReason.DELIVERED, detail, status=code)
+    if 0xA700 <= code <= 0xA7FF:
+        return Outcome(False, DeliveryReason.OUT_OF_RESOURCES, detail, transient=True, status=code)
+    if code == 0x0122:
+        reason = DeliveryReason.SOP_CLASS_NOT_SUPPORTED
+    elif 0xA900 <= code <= 0xA9FF:
+        reason = DeliveryReason.DATASET_MISMATCH
+    elif 0xC000 <= code <= 0xCFFF:
+        reason = DeliveryReason.CANNOT_UNDERSTAND
+    else:
+        reason = DeliveryReason.FAILURE_STATUS
+    return Outcome(False, reason, detail, status=code)
 
 
 def _tls(dest: DestinationConfig) -> tuple[ssl.SSLContext, str] | None:
@@ -84,86 +171,191 @@ def _tls_problem(dest: DestinationConfig, ctx: ssl.SSLContext, timeout: float) -
     return None
 
 
+def _unreachable(dest: DestinationConfig, timeout: float) -> Outcome:
+    """No association and no answer: one bare connection says whether the port refused, the
+    host did not answer, or it answered TCP but not the A-ASSOCIATE-RQ in time."""
+    where = f"{dest.host}:{dest.port}"
+    try:
+        with socket.create_connection((dest.host, dest.port), timeout=min(timeout, PROBE_TIMEOUT_S)):
+            pass
+    except ConnectionRefusedError:
+        detail = f"{where} refused the connection"
+    except TimeoutError:
+        detail = f"{where} did not answer the connection (timed out)"
+    except OSError as e:
+        name = errno.errorcode.get(e.errno, "") if e.errno is not None else ""
+        detail = f"{where}: {e.strerror or type(e).__name__} {name}".strip()
+    else:
+        detail = (f"{where} accepted the connection but gave no association answer within "
+                  f"{timeout:g} s, or aborted it")
+    return Outcome(False, DeliveryReason.UNREACHABLE, detail, transient=True)
+
+
+def _not_established(assoc: Association, dest: DestinationConfig,
+                     tls: tuple[ssl.SSLContext, str] | None, timeout: float) -> Outcome:
+    """Classify an association that was requested but not established."""
+    answer = assoc.acceptor.primitive
+    if assoc.is_rejected and answer is not None:
+        detail = (f"A-ASSOCIATE-RJ from {dest.called_ae}@{dest.host}:{dest.port}: "
+                  f"{answer.result_str}, source {answer.source_str}, reason {answer.reason_str}")
+        if answer.result == 0x02:
+            return Outcome(False, DeliveryReason.ASSOCIATION_REJECTED_TRANSIENT, detail,
+                           transient=True)
+        return Outcome(False, DeliveryReason.ASSOCIATION_REJECTED, detail)
+    if answer is not None and answer.result == 0x00:
+        # pynetdicom aborts an accepted association in which no context was accepted.
+        return Outcome(False, DeliveryReason.NO_PRESENTATION_CONTEXT,
+                       f"{dest.called_ae}@{dest.host}:{dest.port} accepted the association but "
+                       "no Comprehensive SR presentation context (Explicit or Implicit VR "
+                       "Little Endian)")
+    problem = _tls_problem(dest, tls[0], timeout) if tls else None
+    if problem:
+        return Outcome(False, DeliveryReason.TLS_FAILED, problem, transient=True)
+    return _unreachable(dest, timeout)
+
+
 def send_one(dest: DestinationConfig, sr: pydicom.Dataset, timeout: float) -> Outcome:
-    """One C-STORE of ``sr`` to ``dest``; never raises for network trouble."""
+    """One C-STORE of ``sr`` to ``dest``, classified; never raises for network trouble or for
+    any answer of the destination."""
     ae = AE(ae_title=dest.calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     ae.connection_timeout = timeout
     ae.add_requested_context(COMPREHENSIVE_SR, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
     tls = _tls(dest)
     assoc = ae.associate(dest.host, dest.port, ae_title=dest.called_ae, tls_args=tls)
-    if assoc.is_rejected:
-        return Outcome(False, "association_rejected", "the destination rejected the association")
     if not assoc.is_established:
-        problem = _tls_problem(dest, tls[0], timeout) if tls else None
-        if problem:
-            return Outcome(False, "tls_failed", problem)
-        return Outcome(False, "unreachable", f"no association with {dest.host}:{dest.port}")
+        return _not_established(assoc, dest, tls, timeout)
     try:
         status = assoc.send_c_store(sr)
+    except ValueError as e:
+        # pynetdicom finds no accepted context for the SR's SOP class and transfer syntax.
+        return Outcome(False, DeliveryReason.NO_PRESENTATION_CONTEXT,
+                       f"no accepted presentation context for this SR ({type(e).__name__})")
     finally:
         if assoc.is_established:
             assoc.release()
     if not status or "Status" not in status:
-        return Outcome(False, "unreachable", "no C-STORE response (connection lost)")
-    code = int(status.Status)
-    if code == 0x0000 or 0xB000 <= code <= 0xBFFF:
-        return Outcome(True, "delivered", f"status 0x{code:04X}")
-    comment = str(status.get("ErrorComment", "") or "")
-    return Outcome(False, "failure_status", f"status 0x{code:04X} {comment}".strip())
+        return Outcome(False, DeliveryReason.CONNECTION_LOST,
+                       f"no C-STORE response within {timeout:g} s (association aborted or timed out)",
+                       transient=True)
+    return classify_status(int(status.Status), str(status.get("ErrorComment", "") or ""))
+
+
+def _describe(exc: BaseException) -> str:
+    """The exception's type (and errno name), never its message (it may quote header values)."""
+    name = type(exc).__name__
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return f"{name} {errno.errorcode.get(exc.errno, exc.errno)}"
+    return name
+
+
+def _frames(exc: BaseException) -> str:
+    """The traceback's frames and exception types; messages are withheld (see :func:`_describe`)."""
+    return "".join(traceback.format_tb(exc.__traceback__)) + f"{type(exc).__qualname__}: (withheld)"
+
+
+def read_sr(spool: Spool, item: deliveries.DueDelivery) -> pydicom.Dataset | Outcome:
+    """The delivery's SR file, or an ``sr_unreadable`` outcome when it is missing, unreadable
+    or not the SR its result names."""
+    path = spool.absolute(item.sr_path)
+    try:
+        sr = pydicom.dcmread(path)
+        found = str(sr.SOPInstanceUID)
+        sop_class = str(sr.SOPClassUID)
+    except (OSError, InvalidDicomError, EOFError, ValueError, struct.error, AttributeError,
+            KeyError) as e:
+        return Outcome(False, DeliveryReason.SR_UNREADABLE,
+                       f"SR file {item.sr_path} could not be read ({_describe(e)})")
+    if found != item.sr_sop_instance_uid or sop_class != COMPREHENSIVE_SR:
+        return Outcome(False, DeliveryReason.SR_UNREADABLE,
+                       f"SR file {item.sr_path} holds another object ({sop_class} {found})")
+    return sr
+
+
+def attempt(config: Config, spool: Spool, item: deliveries.DueDelivery) -> Outcome:
+    """One attempt of one delivery: its destination, its SR file, the C-STORE."""
+    dest = next((d for d in config.destinations if d.name == item.destination), None)
+    if dest is None or not dest.enabled:
+        return Outcome(False, DeliveryReason.DESTINATION_NOT_CONFIGURED,
+                       f"{item.destination} is not an enabled destination")
+    sr = read_sr(spool, item)
+    if isinstance(sr, Outcome):
+        return sr
+    return send_one(dest, sr, config.delivery.timeout_s)
+
+
+_DESTINATION_DOWN = frozenset({DeliveryReason.UNREACHABLE, DeliveryReason.TLS_FAILED,
+                               DeliveryReason.ASSOCIATION_REJECTED_TRANSIENT})
+"""Outcomes that say nothing about the SR but that the destination cannot take one now."""
 
 
 def send_due(config: Config, sessions: sessionmaker[Session], spool: Spool) -> int:
-    """Send every due delivery once; returns how many were delivered."""
+    """Attempt every due delivery once; returns how many were delivered.
+
+    Each delivery has its own fault boundary: whatever goes wrong with one (its SR file, its
+    destination, a bug) is logged and recorded on that delivery, and the loop goes on. Once a
+    destination is down in this pass, its other deliveries wait for the next pass instead of
+    each waiting out the timeout."""
     if not config.delivery.enabled:
         return 0
-    destinations = {d.name: d for d in config.destinations}
     try:
         with unit_of_work(sessions) as session:
             due = deliveries.due(session, datetime.now(UTC))
     except SQLAlchemyError as e:
-        log.warning("delivery_poll_failed", error=type(e).__name__)
+        log.warning("delivery_poll_failed", error=_describe(e))
         return 0
     sent = 0
+    down: set[str] = set()
     for item in due:
-        dest = destinations.get(item.destination)
         with structlog.contextvars.bound_contextvars(study_uid=item.study_uid,
-                                                     destination=item.destination):
-            if dest is None or not dest.enabled:
-                outcome = Outcome(False, "destination_not_configured",
-                                  f"{item.destination} is not an enabled destination")
-            else:
-                try:
-                    sr = pydicom.dcmread(spool.absolute(item.sr_path))
-                except OSError as e:
-                    outcome = Outcome(False, "sr_missing", f"{type(e).__name__}: {e}")
-                else:
-                    outcome = send_one(dest, sr, config.delivery.timeout_s)
-            sent += _record(config, sessions, item, outcome)
+                                                     destination=item.destination,
+                                                     delivery_id=item.delivery_id):
+            if item.destination in down:
+                log.info("delivery_deferred", reason="destination_down_in_this_pass")
+                continue
+            try:
+                outcome = attempt(config, spool, item)
+            except Exception as e:  # noqa: BLE001 - this delivery's boundary: record it, go on
+                log.error("delivery_attempt_crashed", error=_describe(e), exception=_frames(e))
+                outcome = Outcome(False, DeliveryReason.INTERNAL_ERROR,
+                                  f"unexpected error in the attempt ({_describe(e)})",
+                                  transient=True)
+            if outcome.reason in _DESTINATION_DOWN:
+                down.add(item.destination)
+            try:
+                sent += _record(config, sessions, item, outcome)
+            except Exception as e:  # noqa: BLE001 - not recorded: the delivery stays due, tried again
+                log.error("delivery_not_recorded", reason=outcome.reason.value, error=_describe(e),
+                          exception=_frames(e))
     return sent
 
 
 def _record(config: Config, sessions: sessionmaker[Session], item: deliveries.DueDelivery,
             outcome: Outcome) -> int:
+    """Record ``outcome`` on the delivery and log it; returns 1 when it was delivered."""
     now = datetime.now(UTC)
-    d = config.delivery
-    retry_in = timedelta(seconds=min(d.retry_max_s, d.retry_base_s * 2 ** item.attempts)
-                         * random.uniform(0.5, 1.5))
+    policy = config.delivery.retry
+    attempt_no = item.attempts + 1
+    retry_in = (policy.delay(attempt_no)
+                if outcome.transient and not policy.exhausted(attempt_no) else None)
     with unit_of_work(sessions) as session:
         if outcome.delivered:
             deliveries.mark_delivered(session, item.delivery_id, now, outcome.detail)
             state = DeliveryState.DELIVERED
         else:
             state = deliveries.mark_failed_attempt(session, item.delivery_id, now, outcome.reason,
-                                                   outcome.detail, d.max_attempts, retry_in)
+                                                   outcome.detail, retry_in)
     if state is DeliveryState.DELIVERED:
-        log.info("sr_delivered", sr=item.sr_sop_instance_uid, attempt=item.attempts + 1,
+        log.info("sr_delivered", sr=item.sr_sop_instance_uid, attempt=attempt_no,
+                 detail=outcome.log_detail,
                  seconds_since_received=round((now - item.received_at).total_seconds(), 2))
         return 1
     if state is DeliveryState.FAILED:
-        log.critical("delivery_failed_alert", sr=item.sr_sop_instance_uid, reason=outcome.reason,
-                     detail=outcome.detail, attempts=item.attempts + 1)
+        log.critical("delivery_failed_alert", sr=item.sr_sop_instance_uid,
+                     reason=outcome.reason.value, detail=outcome.log_detail, attempts=attempt_no,
+                     final="permanent" if not outcome.transient else "attempts_exhausted")
     else:
-        log.warning("delivery_retry", reason=outcome.reason, detail=outcome.detail,
-                    attempt=item.attempts + 1, retry_in_s=round(retry_in.total_seconds(), 1))
+        log.warning("delivery_retry", reason=outcome.reason.value, detail=outcome.log_detail,
+                    attempt=attempt_no, retry_in_s=round(retry_in.total_seconds(), 1)
+                    if retry_in is not None else None)
     return 0

@@ -25,13 +25,21 @@ class DueDelivery:
     received_at: datetime
 
 
+def due_query(now: datetime, limit: int = 20
+              ) -> sa.Select[int, str, str, str, str, int, datetime]:
+    """The due-delivery SELECT (pending, ``next_attempt_at`` passed, oldest first): a range on
+    the ``(state, next_attempt_at)`` index, never a scan of the table."""
+    return (sa.select(Delivery.id, Delivery.destination, Result.sr_path,
+                      Result.sr_sop_instance_uid, Study.study_uid, Delivery.attempts,
+                      Study.first_received_at)
+            .join(Result, Result.id == Delivery.result_id).join(Study, Study.id == Result.study_id)
+            .where(Delivery.state == DeliveryState.PENDING, Delivery.next_attempt_at <= now)
+            .order_by(Delivery.next_attempt_at, Delivery.id).limit(limit))
+
+
 def due(session: Session, now: datetime, limit: int = 20) -> list[DueDelivery]:
-    rows = session.execute(for_claim(
-        sa.select(Delivery.id, Delivery.destination, Result.sr_path, Result.sr_sop_instance_uid,
-                  Study.study_uid, Delivery.attempts, Study.first_received_at)
-        .join(Result, Result.id == Delivery.result_id).join(Study, Study.id == Result.study_id)
-        .where(Delivery.state == DeliveryState.PENDING, Delivery.next_attempt_at <= now)
-        .order_by(Delivery.next_attempt_at, Delivery.id).limit(limit), session)).all()
+    """The deliveries to attempt now, locked against other senders on PostgreSQL."""
+    rows = session.execute(for_claim(due_query(now, limit), session)).all()
     return [DueDelivery(*row) for row in rows]
 
 
@@ -51,13 +59,15 @@ def mark_delivered(session: Session, delivery_id: int, now: datetime, detail: st
 
 
 def mark_failed_attempt(session: Session, delivery_id: int, now: datetime, reason: str,
-                        detail: str, max_attempts: int, retry_in: timedelta) -> DeliveryState:
-    """Record a failed attempt; PENDING again after ``retry_in``, or FAILED at the limit."""
+                        detail: str, retry_in: timedelta | None) -> DeliveryState:
+    """Record a failed attempt: PENDING again after ``retry_in``, or FAILED at once when
+    ``retry_in`` is None (a permanent failure, or the retry policy's last attempt).
+    Returns the new state."""
     d = session.get_one(Delivery, delivery_id)
     d.attempts += 1
     d.last_reason, d.last_detail = reason, detail[:500]
     study_uid = _study_uid(session, d)
-    if d.attempts >= max_attempts:
+    if retry_in is None:
         _set(d, DeliveryState.FAILED)
         audit(session, AuditAction.DELIVERY_FAILED, "sender", now, study_uid=study_uid,
               destination=d.destination, attempt=d.attempts, reason=reason)
