@@ -96,13 +96,19 @@ class ResultRecord:
     detail: dict[str, Any]
 
 
-def _claimable(now: datetime, max_attempts: int | None = None) -> sa.ColumnElement[bool]:
+def _claimable_branches(now: datetime, max_attempts: int | None = None
+                        ) -> tuple[sa.ColumnElement[bool], sa.ColumnElement[bool]]:
+    """(queued and due, running with an expired lease): each a range on its own index."""
     queued = sa.and_(Job.state == JobState.QUEUED,
                      sa.or_(Job.next_attempt_at.is_(None), Job.next_attempt_at <= now))
     abandoned = sa.and_(Job.state == JobState.RUNNING, Job.lease_expires_at < now)
     if max_attempts is not None:
         abandoned = sa.and_(abandoned, Job.attempts < max_attempts)
-    return sa.or_(queued, abandoned)
+    return queued, abandoned
+
+
+def _claimable(now: datetime, max_attempts: int | None = None) -> sa.ColumnElement[bool]:
+    return sa.or_(*_claimable_branches(now, max_attempts))
 
 
 def claim_jobs(session: Session, owner: str, lease: timedelta, now: datetime,
@@ -114,8 +120,14 @@ def claim_jobs(session: Session, owner: str, lease: timedelta, now: datetime,
     so that the others end FAILED instead of staying RUNNING.
     """
     claimable = _claimable(now, max_attempts)
+    # One SELECT per branch, each a search on its index ((state, next_attempt_at) and
+    # (state, lease_expires_at)); as a single OR ordered by id, SQLite scans the whole table
+    # (tests/test_query_plans.py). The outer SELECT keeps FOR UPDATE SKIP LOCKED possible.
+    queued, abandoned = _claimable_branches(now, max_attempts)
+    branches = sa.union_all(sa.select(Job.id).where(queued), sa.select(Job.id).where(abandoned))
     candidates = session.execute(for_claim(
-        sa.select(Job.id).where(claimable).order_by(Job.id).limit(limit), session)).scalars().all()
+        sa.select(Job.id).where(Job.id.in_(branches)).order_by(Job.id).limit(limit),
+        session)).scalars().all()
     claimed: list[ClaimedJob] = []
     for job_id in candidates:
         updated = cast(sa.CursorResult[Any], session.execute(

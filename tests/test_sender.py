@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, MutableMapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -167,7 +167,7 @@ def scps() -> Iterator[list[Scp]]:
         scp.stop()
 
 
-def _send(env: Env) -> tuple[int, list[dict[str, Any]]]:
+def _send(env: Env) -> tuple[int, list[MutableMapping[str, Any]]]:
     with capture_logs(processors=[structlog.contextvars.merge_contextvars]) as logs:
         sent = send_due(env.config, env.sessions, env.spool)
     return sent, logs
@@ -182,7 +182,8 @@ def _assert_retried(env: Env, reason: DeliveryReason, before: datetime, attempts
     return d
 
 
-def _assert_failed_at_once(env: Env, reason: DeliveryReason, logs: list[dict[str, Any]]) -> Delivery:
+def _assert_failed_at_once(env: Env, reason: DeliveryReason,
+                           logs: list[MutableMapping[str, Any]]) -> Delivery:
     (d,) = env.deliveries()
     assert (d.state, d.attempts, d.last_reason) == (DeliveryState.FAILED, 1, reason.value), \
         (d.state, d.attempts, d.last_reason, d.last_detail)
@@ -284,7 +285,7 @@ def test_a_permanent_association_rejection_fails_at_once(tmp_path: Path, port: i
     _results(env, 1)
     _, logs = _send(env)
     d = _assert_failed_at_once(env, DeliveryReason.ASSOCIATION_REJECTED, logs)
-    assert "Rejected Permanent" in (d.last_detail or "") and "NOTPACS" in d.last_detail
+    assert "Rejected Permanent" in (d.last_detail or "") and "NOTPACS" in (d.last_detail or "")
 
 
 def test_a_pacs_without_an_sr_context_fails_at_once(tmp_path: Path, port: int,
