@@ -164,7 +164,7 @@ def _pdu_case(port: int, payload: bytes, then: bytes | None, timeout: float, hol
                 if not hold:
                     sock.shutdown(socket.SHUT_WR)
                 answer = sock.recv(6) or answer
-    except (TimeoutError, socket.timeout):
+    except TimeoutError:
         return "pdu:no_answer_in_time"
     except OSError as e:
         return f"pdu:closed({type(e).__name__})"
@@ -196,8 +196,8 @@ def fuzz(port: int, sources: list[Path], workdir: Path, seed: int, datasets: int
     case_path = workdir / "case.dcm"
     last = time.monotonic()
     for n in range(datasets):
-        meta, body = rng.choice(files)
-        case_path.write_bytes(meta + mutate(body, rng))
+        head, body = rng.choice(files)
+        case_path.write_bytes(head + mutate(body, rng))
         outcome, _ = _store_case(ae, port, case_path)
         report.outcomes[outcome] += 1
         if outcome in ("no_response", "association_not_established") or outcome.startswith("unknown"):
@@ -245,7 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, help="fuzz an opacityd serve already listening here")
     p.add_argument("--hold-fraction", type=float, default=0.2,
                    help="share of PDU cases that keep the socket open (each waits a read timeout)")
-    p.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data" / "dicom")
+    p.add_argument("--data", type=Path,
+                   default=Path(__file__).resolve().parents[2] / "shared" / "data" / "dicom")
     p.add_argument("--workdir", type=Path, default=Path("bench/out/fuzz"))
     args = p.parse_args(argv)
     sources = sorted(args.data.glob("*.dcm"))

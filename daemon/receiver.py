@@ -53,6 +53,8 @@ from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.events import Event
 from pynetdicom.presentation import StoragePresentationContexts
+from pynetdicom.service_class import ServiceClass, StorageServiceClass
+from pynetdicom.sop_class import register_uid, uid_to_service_class
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -142,6 +144,16 @@ def _identify(ds: Dataset, requested_sop_class: str) -> dict[str, str]:
     return values
 
 
+def _register_storage_class(sop_class: str) -> None:
+    """Make pynetdicom treat a configured private or unknown SOP class as a storage class.
+
+    Without this it accepts the presentation context and then aborts the association at the
+    first C-STORE ("No supported service class available")."""
+    if uid_to_service_class(sop_class) is ServiceClass:
+        register_uid(sop_class, f"OpacitydStorage_{sop_class.replace('.', '_')}",
+                     StorageServiceClass)
+
+
 class Receiver:
     """The Storage SCP. ``start()`` listens in background threads; ``stop()`` drains."""
 
@@ -174,6 +186,7 @@ class Receiver:
                     ae.add_supported_context(cx.abstract_syntax, syntaxes)
         else:
             for sop_class in (*CHEST_STORAGE_CLASSES, *r.extra_sop_classes):
+                _register_storage_class(sop_class)
                 ae.add_supported_context(sop_class, syntaxes)
         return ae
 

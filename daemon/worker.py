@@ -52,6 +52,7 @@ from daemon.report import (
     study_probability,
     with_threshold_overrides,
 )
+from daemon.sanitize import Repair, sanitized
 from daemon.spool import TEMP_SUFFIX, Spool
 from db import jobs
 from db.engine import create_db_engine, make_session_factory, read_only, unit_of_work
@@ -142,6 +143,10 @@ class _Image:
     header: pydicom.Dataset | None = None
     array: np.ndarray | None = None
     refusal: str | None = None
+    notes: tuple[str, ...] = ()
+    """What preprocessing worked around (header inconsistencies, frames skipped)."""
+    repairs: tuple[Repair, ...] = ()
+    """Header values the outputs' clean copy repaired or dropped (no values)."""
     probability: float | None = None
     inference_s: float = 0.0
     """This image's share of its batch's network time."""
@@ -284,7 +289,7 @@ class Worker:
                     failures.setdefault(img.job.job_id,
                                         (classify(prepared, FailureReason.PREPROCESS_ERROR), prepared))
                 else:
-                    img.header, img.array, img.refusal = prepared
+                    img.header, img.array, img.refusal, img.notes, img.repairs = prepared
             ready = [img for img in images
                      if img.array is not None and img.job.job_id not in failures]
             batch_size = self.config.worker.batch_size
@@ -383,6 +388,10 @@ class Worker:
                 return None
             log.info("study_scored", outcome="unchanged", sr=previous[0], model=manifest.label)
             return None
+        repairs = [{"attribute": k, "action": a, "problem": p} for k, a, p in sorted(
+            {(r.keyword, r.action.value, r.problem.value) for img in images for r in img.repairs})]
+        if repairs:
+            log.warning("header_sanitised", repairs=repairs)
         stage.reason = FailureReason.SR_BUILD_FAILED
         # The predecessor is named from its result row: its file need not be read (or held).
         predecessor = None if previous is None else sr_reference(job.study_uid, previous[1],
@@ -405,10 +414,9 @@ class Worker:
             inference_seconds=round(sum(img.inference_s for img in images), 4),
             sr_sop_instance_uid=str(sr.SOPInstanceUID), sr_series_uid=str(sr.SeriesInstanceUID),
             sr_path=relative,
-            detail={"key": key, "images": {str(o.header.SOPInstanceUID): (
-                {"probability": round(o.probability, 6)} if o.probability is not None
-                else {"refused": o.refusal}) for o in outcomes},
-                "ineligible": {i.sop_instance_uid: i.reason for i in items if not i.eligible}},
+            detail={"key": key, "images": {img.sop_uid: _image_detail(img) for img in images},
+                    "ineligible": {i.sop_instance_uid: i.reason for i in items if not i.eligible},
+                    "header": repairs},
         )
         with unit_of_work(self.sessions) as session:
             recorded = jobs.finish_job(session, job, self.owner, record, self.destinations, utcnow())
@@ -449,6 +457,16 @@ class Worker:
             log.error("job_failed", **fields)
 
 
+def _image_detail(img: _Image) -> dict[str, object]:
+    """One image's entry in the result detail: its probability or refusal, and any notes."""
+    entry: dict[str, object] = (
+        {"probability": round(img.probability, 6)} if img.probability is not None
+        else {"refused": img.refusal})
+    if img.notes:
+        entry["notes"] = list(img.notes)
+    return entry
+
+
 def write_once(path: Path, data: bytes) -> bool:
     """Write ``data`` durably at ``path`` unless a file is already there; returns whether it
     wrote. A stored SR is never overwritten: the bytes go to a fsynced temporary file that is
@@ -476,8 +494,11 @@ def write_once(path: Path, data: bytes) -> bool:
         temp.unlink(missing_ok=True)
 
 
-def _prepare_guarded(path: Path, spec: PreprocessSpec
-                     ) -> tuple[pydicom.Dataset | None, np.ndarray | None, str | None] | Exception:
+_Prepared = tuple[pydicom.Dataset | None, np.ndarray | None, str | None, tuple[str, ...],
+                  tuple[Repair, ...]]
+
+
+def _prepare_guarded(path: Path, spec: PreprocessSpec) -> _Prepared | Exception:
     """:func:`_prepare`, or the exception it raised (the image's boundary: the caller records
     it on the image's job), so one bad image never ends the batch."""
     try:
@@ -486,22 +507,23 @@ def _prepare_guarded(path: Path, spec: PreprocessSpec
         return e
 
 
-def _prepare(path: Path, spec: PreprocessSpec
-             ) -> tuple[pydicom.Dataset | None, np.ndarray | None, str | None]:
-    """Header and model input of one spooled instance (read once), or the refusal reason."""
+def _prepare(path: Path, spec: PreprocessSpec) -> _Prepared:
+    """The clean header copy (for the outputs; pixels left out), the model input and
+    preprocessing's notes of one spooled instance (read once), or the refusal reason; and what
+    the clean copy repaired or dropped."""
     try:
         ds = read_dicom(path)
     except PreprocessError as e:
-        return None, None, e.reason.value  # the detail may quote the file's bytes
+        return None, None, e.reason.value, (), ()  # the detail may quote the file's bytes
+    notes: tuple[str, ...] = ()
     try:
-        array: np.ndarray | None = preprocess(ds, spec).array
-        refusal = None
+        prepared = preprocess(ds, spec)
+        array: np.ndarray | None = prepared.array
+        notes, refusal = prepared.notes, None
     except PreprocessError as e:
         array, refusal = None, e.reason.value
-    for keyword in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
-        if keyword in ds:
-            delattr(ds, keyword)  # the header is kept for the SR; the pixels are not needed
-    return ds, array, refusal
+    clean = sanitized(ds)
+    return clean.dataset, array, refusal, notes, clean.repairs
 
 
 def run_worker(config: Config) -> int:

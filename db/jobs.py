@@ -265,10 +265,21 @@ def finish_job(session: Session, claimed: ClaimedJob, owner: str, record: Result
     for name in destinations:
         session.add(Delivery(result_id=result.id, destination=name, state=DeliveryState.PENDING,
                              attempts=0, next_attempt_at=now, created_at=now))
+    images = record.detail.get("images", {})
+    refused = {sop: v["refused"] for sop, v in images.items() if "refused" in v}
+    notes = {sop: v["notes"] for sop, v in images.items() if v.get("notes")}
+    per_image: dict[str, Any] = {}
+    if refused:
+        per_image["refused"] = refused
+    if notes:
+        per_image["notes"] = notes
     audit(session, AuditAction.RESULT_RECORDED, owner, now, study_uid=claimed.study_uid,
           job_id=claimed.job_id, priority=record.priority, probability=record.probability,
           model=f"{record.model_name} {record.model_version}", sr=record.sr_sop_instance_uid,
-          destinations=destinations)
+          destinations=destinations, **per_image)
+    if record.detail.get("header"):
+        audit(session, AuditAction.HEADER_SANITISED, owner, now, study_uid=claimed.study_uid,
+              job_id=claimed.job_id, repairs=record.detail["header"])
     audit(session, AuditAction.JOB_DONE, owner, now, study_uid=claimed.study_uid,
           job_id=claimed.job_id, outcome="new_result")
     return True

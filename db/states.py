@@ -62,6 +62,9 @@ class AuditAction(enum.StrEnum):
     STUDY_PURGED = "study_purged"
     """Retention deleted spooled files of the study (detail: how many, why)."""
     OPERATOR_COMMAND = "operator_command"
+    HEADER_SANITISED = "header_sanitised"
+    """Outputs of the study were built with header values repaired or dropped (detail: the
+    attribute keywords and the kind of problem, never the values)."""
 
 
 STUDY_TRANSITIONS: dict[StudyState, frozenset[StudyState]] = {

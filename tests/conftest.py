@@ -253,3 +253,4 @@ def _reset_logging() -> Iterator[None]:
 # The `daemons` fixture lives beside DaemonProcess, which imports helpers from this module;
 # imported last so those helpers exist when it loads.
 from tests.daemon_process import daemons  # noqa: E402, F401
+from tests.worker_process import db_of, workers  # noqa: E402, F401

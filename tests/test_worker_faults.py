@@ -25,15 +25,16 @@ import numpy as np
 import pydicom
 import pytest
 import sqlalchemy as sa
-from sqlalchemy.orm import Session, sessionmaker
+from pydicom.uid import ExplicitVRLittleEndian
+from pynetdicom import AE
 
 from daemon.config import Config, load_config
-from db.engine import create_db_engine, make_session_factory, unit_of_work
-from db.models import AuditEvent, Delivery, Instance, Job, Result, Study
-from db.states import AuditAction, DeliveryState, JobState
-from tests.conftest import OPACITYD, Pacs, free_port, mounted_tmpfs, storescu, wait_until
+from db.models import AuditEvent, Instance, Job, Result
+from db.states import AuditAction, JobState
+from tests.conftest import Pacs, free_port, mounted_tmpfs, storescu, wait_until
 from tests.daemon_process import DaemonProcess, start_daemon
 from tests.factories import SENTINEL_PHI, make_dx
+from tests.worker_process import Db, WorkerProcess
 
 SIZE = 71
 MARKER_CORNER = 24
@@ -78,43 +79,6 @@ def _marked(seed: int) -> pydicom.Dataset:
     return ds
 
 
-class WorkerProcess:
-    """`opacityd worker` as its own process (``worker.embedded = false`` in the config)."""
-
-    def __init__(self, config: Path, log: Path) -> None:
-        self.config, self.log_path = config, log
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> WorkerProcess:
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen([OPACITYD, "--config", str(self.config), "worker"],
-                                         stdout=log, stderr=subprocess.STDOUT,
-                                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        return self
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def terminate(self) -> int:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout=60)
-
-    def ensure_stopped(self) -> None:
-        if self.alive():
-            assert self.proc is not None
-            self.proc.kill()
-            self.proc.wait(timeout=30)
-
-
-@pytest.fixture
-def workers() -> Iterator[list[WorkerProcess]]:
-    started: list[WorkerProcess] = []
-    yield started
-    for w in started:
-        w.ensure_stopped()
-
-
 @pytest.fixture
 def pacs(tmp_path: Path) -> Iterator[Pacs]:
     """storescp keeping a new file per receipt (+uf), so an SR received twice is seen twice."""
@@ -131,45 +95,6 @@ def _extra(pacs: Pacs, receiver: str = "", **worker: object) -> str:
             f"port = {pacs.port}\ncalled_ae = \"PACS\"\ncalling_ae = \"OPACITYD\"\n"
             "[delivery]\npoll_interval_s = 0.2\nretry_base_s = 0.3\nretry_max_s = 1.0\n"
             f"[worker]\n{lines}\n")
-
-
-@dataclasses.dataclass
-class Db:
-    config: Config
-    sessions: sessionmaker[Session]
-
-    def query(self, statement: Any) -> list[Any]:
-        with unit_of_work(self.sessions) as s:
-            return list(s.execute(statement).all())
-
-    def jobs(self) -> dict[str, tuple[JobState, str | None, str | None, int]]:
-        """study UID -> (state, failure_reason, last_error, attempts) of its latest job."""
-        rows = self.query(sa.select(Study.study_uid, Job.state, Job.failure_reason, Job.last_error,
-                                    Job.attempts).join(Study, Study.id == Job.study_id)
-                          .order_by(Job.id))
-        return {uid: (state, reason, error, attempts) for uid, state, reason, error, attempts in rows}
-
-    def settled(self, studies: int) -> bool:
-        """Every one of ``studies`` jobs is done or failed, and every delivery delivered."""
-        jobs = self.jobs()
-        deliveries = self.query(sa.select(Delivery.state))
-        return (len(jobs) == studies
-                and all(state in (JobState.DONE, JobState.FAILED) for state, *_ in jobs.values())
-                and all(state == DeliveryState.DELIVERED for (state,) in deliveries))
-
-
-@pytest.fixture
-def db_of() -> Iterator[Any]:
-    engines: list[Any] = []
-
-    def open_db(cfg: Path) -> Db:
-        config = load_config(cfg, env={})
-        engine = create_db_engine(config.database_url)
-        engines.append(engine)
-        return Db(config, make_session_factory(engine))
-    yield open_db
-    for engine in engines:
-        engine.dispose()
 
 
 def _store(port: int, folder: Path, datasets: list[pydicom.Dataset]) -> None:
@@ -220,10 +145,15 @@ def _http(config: Config, path: str) -> tuple[int, bytes]:
 
 
 def _separate_worker(tmp_path: Path, daemons: list[DaemonProcess], pacs: Pacs, bundle: Path,
-                     **worker: object) -> tuple[DaemonProcess, Path]:
+                     receiver: str = "", **worker: object) -> tuple[DaemonProcess, Path]:
     """`serve` without its embedded worker: the test starts `opacityd worker` once every job is
     queued, so that they are claimed as one batch."""
-    return start_daemon(tmp_path, daemons, _extra(pacs, embedded=False, **worker), bundle=bundle)
+    return start_daemon(tmp_path, daemons, _extra(pacs, receiver, embedded=False, **worker),
+                        bundle=bundle)
+
+
+PRIVATE_SOP_CLASS = "1.2.826.0.1.3680043.10.1234.1"
+"""A vendor's private image storage class: accepted when configured, unknown to highdicom."""
 
 
 def test_network_raising_on_one_image_fails_only_that_study_and_the_worker_goes_on(
@@ -265,12 +195,20 @@ def test_network_raising_on_one_image_fails_only_that_study_and_the_worker_goes_
 def test_sr_builder_raising_on_a_header_fails_only_that_study(
         tmp_path: Path, daemons: list[DaemonProcess], workers: list[WorkerProcess], pacs: Pacs,
         demo_bundle: Path, db_of: Any) -> None:
-    daemon, cfg = _separate_worker(tmp_path, daemons, pacs, demo_bundle)
+    daemon, cfg = _separate_worker(tmp_path, daemons, pacs, demo_bundle,
+                                   receiver=f'extra_sop_classes = ["{PRIVATE_SOP_CLASS}"]')
     db = db_of(cfg)
     good = [make_dx(96, 96, seed=i) for i in range(2)]
-    odd = make_dx(96, 96, seed=5, phi={"PatientID": SENTINEL_PHI["PatientID"]})
-    odd.PatientName = [SENTINEL_PHI["PatientName"], "SECOND^NAME"]  # highdicom: TypeError
-    _store(daemon.port, tmp_path / "in", [good[0], odd, good[1]])
+    # highdicom cannot copy the patient and study modules of a class it does not know: KeyError.
+    odd = make_dx(96, 96, seed=5, sop_class=PRIVATE_SOP_CLASS, phi=SENTINEL_PHI)
+    _store(daemon.port, tmp_path / "in", good)
+    # DCMTK's storescu proposes no context for a class it does not know: pynetdicom sends it.
+    ae = AE(ae_title="VENDOR")
+    ae.add_requested_context(PRIVATE_SOP_CLASS, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", daemon.port, ae_title="OPACITYD")
+    assert assoc.is_established
+    assert assoc.send_c_store(odd).Status == 0x0000
+    assoc.release()
     wait_until(lambda: len(db.query(sa.select(Job).where(Job.state == JobState.QUEUED))) == 3,
                timeout=30, what="three queued jobs")
     worker = WorkerProcess(cfg, tmp_path / "worker.log").start()
@@ -280,7 +218,7 @@ def test_sr_builder_raising_on_a_header_fails_only_that_study(
     jobs = db.jobs()
     state, reason, error, attempts = jobs[odd.StudyInstanceUID]
     assert (state, reason, attempts) == (JobState.FAILED, "sr_build_failed", 1)  # permanent
-    assert error is not None and "TypeError" in error
+    assert error is not None and "KeyError" in error
     assert all(jobs[ds.StudyInstanceUID][0] == JobState.DONE for ds in good)
     assert _srs_at(pacs) == {ds.StudyInstanceUID: 1 for ds in good}
     (failed,) = _events(worker.log_path, "job_failed")
