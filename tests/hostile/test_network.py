@@ -170,7 +170,7 @@ def test_junk_and_close_repeated_keeps_no_slot(target: Target) -> None:
 def test_a_p_data_pdu_beyond_the_negotiated_maximum_aborts_the_association(
         target: Target, announced: str) -> None:
     with target.under_attack() as watch, _associated(target.port, 3) as assoc:
-        max_pdu = assoc.acceptor.maximum_length
+        max_pdu = assoc.acceptor.maximum_length or 0
         assert 0 < max_pdu <= 1 << 20, "serve must not advertise an unlimited PDU"
         context_id = assoc.accepted_contexts[0].context_id or 1
         if announced == "max_pdu_plus_one":
@@ -215,7 +215,8 @@ def test_a_data_set_beyond_its_bound_in_well_formed_pdus_aborts_the_association(
             target.port, 4, (DigitalXRayImageStorageForPresentation,)) as assoc:
         context_id = assoc.accepted_contexts[0].context_id
         assert context_id is not None
-        fragment = assoc.acceptor.maximum_length - 6
+        fragment = (assoc.acceptor.maximum_length or 0) - 6
+        assert fragment > 0
         pdu = pdu_header(P_DATA_TF, fragment + 6) + struct.pack(">LBB", fragment + 2, context_id,
                                                                 0x00) + bytes(fragment)
         sock = _raw(assoc)
