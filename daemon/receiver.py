@@ -125,8 +125,12 @@ def _tls_context(config: Config) -> ssl.SSLContext | None:
     return ctx
 
 
-def _identify(ds: Dataset, requested_sop_class: str) -> dict[str, str]:
-    """The identifying UIDs, or a :class:`Refusal` saying which one is wrong."""
+def _identify(ds: Dataset, requested_sop_class: str, requested_sop_instance: str) -> dict[str, str]:
+    """The identifying UIDs, or a :class:`Refusal` saying which one is wrong.
+
+    The C-STORE request's Affected SOP Class and SOP Instance UIDs must be the data set's
+    (PS3.4 B.2.3): a mismatch is answered 0xA900, since storing it would file the instance
+    under an identity its sender did not announce."""
     values = {k: str(ds.get(k, "") or "").strip() for k in _IDENTIFYING}
     study_uid = values["StudyInstanceUID"] or None
     sop_uid = values["SOPInstanceUID"] or None
@@ -141,6 +145,10 @@ def _identify(ds: Dataset, requested_sop_class: str) -> dict[str, str]:
     if values["SOPClassUID"] != requested_sop_class:
         raise Refusal(StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS, "sop_class_mismatch",
                       "SOP Class UID differs from the presentation context", study_uid, sop_uid)
+    if requested_sop_instance and values["SOPInstanceUID"] != requested_sop_instance:
+        raise Refusal(StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS, "sop_instance_mismatch",
+                      "SOP Instance UID differs from the request's Affected SOP Instance UID",
+                      study_uid, sop_uid)
     return values
 
 
@@ -296,7 +304,8 @@ class Receiver:
         request_class = str(event.request.AffectedSOPClassUID)
         try:
             ds = event.dataset
-            uids = _identify(ds, request_class)
+            uids = _identify(ds, request_class,
+                             str(event.request.AffectedSOPInstanceUID or "").strip())
         except Refusal:
             raise
         except Exception as e:  # noqa: BLE001 - pydicom raises many types on malformed input

@@ -324,3 +324,28 @@ def test_database_failure_answers_0xA700_and_leaves_no_file_and_no_row(tmp_path:
         assert len(_instances(h)) == 1
         assert len(list(h.spool.root.rglob("*.dcm"))) == 1
         assert not list(h.spool.root.rglob("*.partial"))
+
+
+def test_request_sop_instance_uid_differing_from_the_data_set_is_refused_0xA900(
+        harness: Harness, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Chunked sending takes the request's Affected SOP Instance UID from the file meta.
+    monkeypatch.setattr(pynetdicom._config, "STORE_SEND_CHUNKED_DATASET", True)
+    ds = make_dx()
+    ds.file_meta.MediaStorageSOPInstanceUID = "1.2.826.0.1.3680043.10.999.1"
+    path = tmp_path / "mismatch.dcm"
+    ds.preamble = b"\x00" * 128  # written with the file meta as it is (not made to match)
+    ds.save_as(path, enforce_file_format=False)
+    ae = AE(ae_title="PYNETDICOM")
+    ae.add_requested_context(DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", harness.port, ae_title="OPACITYD")
+    assert assoc.is_established
+    try:
+        status = assoc.send_c_store(path)
+        ok = assoc.send_c_store(make_dx())
+    finally:
+        assoc.release()
+    assert status.Status == 0xA900 and "SOP Instance UID differs" in status.ErrorComment
+    assert ok.Status == 0x0000
+    assert len(_instances(harness)) == 1
+    (refused,) = _audit(harness, AuditAction.INSTANCE_REFUSED)
+    assert json.loads(refused.detail)["reason"] == "sop_instance_mismatch"
