@@ -163,11 +163,15 @@ class _Connection:
 
 
 class _Throttle:
-    """Allows one log line per key per interval; says how many were held back meanwhile."""
+    """Allows one log line per (reason, address) per interval, and at most ``per_reason`` lines
+    per reason per interval over all addresses (a flood from many addresses stays readable);
+    says how many were held back meanwhile."""
 
-    def __init__(self, interval_s: float) -> None:
+    def __init__(self, interval_s: float, per_reason: int = 20) -> None:
         self.interval_s = interval_s
+        self.per_reason = per_reason
         self._seen: dict[tuple[str, str], tuple[float, int]] = {}
+        self._reasons: dict[str, tuple[float, int]] = {}
         self._lock = threading.Lock()
 
     def allow(self, key: tuple[str, str]) -> int | None:
@@ -175,12 +179,16 @@ class _Throttle:
         now = time.monotonic()
         with self._lock:
             last, held = self._seen.get(key, (-self.interval_s, 0))
-            if now - last < self.interval_s:
+            window, lines = self._reasons.get(key[0], (now, 0))
+            if now - window >= self.interval_s:
+                window, lines = now, 0
+            if now - last < self.interval_s or lines >= self.per_reason:
                 self._seen[key] = (last, held + 1)
                 return None
             if len(self._seen) > 4096:
                 self._seen = {k: v for k, v in self._seen.items() if now - v[0] < self.interval_s}
             self._seen[key] = (now, 0)
+            self._reasons[key[0]] = (window, lines + 1)
             return held
 
 
@@ -644,11 +652,15 @@ class GuardedAssociationServer(ThreadedAssociationServer):
         if not refused:
             return
         reasons = Counter(CONTEXT_RESULTS.get(cx.result or 0, "other") for cx in refused)
-        log.warning("presentation_contexts_refused",
-                    calling_ae=str(event.assoc.requestor.ae_title or "").strip(),
-                    address=str(event.assoc.requestor.address), refused=len(refused),
-                    accepted=len(event.assoc.accepted_contexts), reasons=dict(reasons),
-                    abstract_syntaxes=sorted({str(cx.abstract_syntax) for cx in refused})[:16])
+        # Modalities often propose every storage class they know: info while some context
+        # was accepted, a warning when none was (the association can do nothing).
+        accepted = event.assoc.accepted_contexts
+        emit = log.info if accepted else log.warning
+        emit("presentation_contexts_refused",
+             calling_ae=str(event.assoc.requestor.ae_title or "").strip(),
+             address=str(event.assoc.requestor.address), refused=len(refused),
+             accepted=len(accepted), reasons=dict(reasons),
+             abstract_syntaxes=sorted({str(cx.abstract_syntax) for cx in refused})[:16])
         if self.metrics is not None:
             for reason, count in reasons.items():
                 self.metrics.contexts_refused.labels(reason).inc(count)

@@ -1,4 +1,5 @@
-"""The P-DATA meter follows PDV items however TCP splits the bytes."""
+"""Parts of the transport guard: the P-DATA meter follows PDV items however TCP splits the
+bytes; refusal logs are summarised."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import struct
 
 import pytest
 
-from daemon.transport import Abort, _PdvMeter
+from daemon.transport import Abort, _PdvMeter, _Throttle
 
 
 def _pdv(control: int, size: int) -> bytes:
@@ -34,3 +35,11 @@ def test_command_fragments_without_their_last_bit_are_bounded() -> None:
     meter = _PdvMeter(max_command=100, max_dataset=10**9)
     assert meter.feed(_pdv(0x01, 60)) is None
     assert meter.feed(_pdv(0x01, 60)) is Abort.COMMAND_TOO_LARGE
+
+
+def test_refusal_logs_are_summarised_per_address_and_per_reason() -> None:
+    throttle = _Throttle(interval_s=60.0, per_reason=3)
+    assert throttle.allow(("oversized_pdu", "10.0.0.1")) == 0
+    assert throttle.allow(("oversized_pdu", "10.0.0.1")) is None
+    assert [throttle.allow(("oversized_pdu", f"10.0.1.{i}")) for i in range(4)] == [0, 0, None, None]
+    assert throttle.allow(("per_address_limit", "10.0.0.1")) == 0
