@@ -47,6 +47,7 @@ from pynetdicom._globals import MODE_ACCEPTOR
 from pynetdicom.ae import ApplicationEntity
 from pynetdicom.association import Association
 from pynetdicom.events import Event
+from pynetdicom.pdu import A_ASSOCIATE_RQ as A_ASSOCIATE_RQ_PDU
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
@@ -96,6 +97,10 @@ class Refusal(StrEnum):
     UNEXPECTED_PDU = "unexpected_pdu"
     TLS_FAILED = "tls_handshake_failed"
     PEER_CLOSED = "peer_closed"
+    UNDECODABLE_REQUEST = "undecodable_request"
+    """A well-framed A-ASSOCIATE-RQ whose items do not decode. Left to pynetdicom, its DUL
+    answers A-ABORT and then waits in Sta13 for the ARTIM timer while the connection keeps
+    its association slot and its per-address count (found by bench/fuzz)."""
 
 
 class Abort(StrEnum):
@@ -431,7 +436,13 @@ class GuardedRequestHandler(RequestHandler):
         if length > limits.max_request:
             raise _Refused(Refusal.OVERSIZED_PDU, ABORT_INVALID_PARAMETER, pdu_type="0x01",
                            announced_bytes=length, limit_bytes=limits.max_request)
-        return header + self._read_exactly(conn, length, deadline)
+        request = header + self._read_exactly(conn, length, deadline)
+        try:
+            A_ASSOCIATE_RQ_PDU().decode(request)
+        except Exception as e:  # noqa: BLE001 - pynetdicom's decoders raise many types on junk
+            raise _Refused(Refusal.UNDECODABLE_REQUEST, ABORT_INVALID_PARAMETER,
+                           error=type(e).__name__) from e
+        return request
 
     def _read_exactly(self, conn: _Connection, size: int, deadline: float) -> bytes:
         buf = bytearray()
