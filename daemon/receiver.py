@@ -304,8 +304,8 @@ class Receiver:
         request_class = str(event.request.AffectedSOPClassUID)
         try:
             ds = event.dataset
-            uids = _identify(ds, request_class,
-                             str(event.request.AffectedSOPInstanceUID or "").strip())
+            uids = _identify(ds, request_class, str(
+                getattr(event.request, "AffectedSOPInstanceUID", "") or "").strip())
         except Refusal:
             raise
         except Exception as e:  # noqa: BLE001 - pydicom raises many types on malformed input
