@@ -526,6 +526,41 @@ def _prepare(path: Path, spec: PreprocessSpec) -> _Prepared:
     return clean.dataset, array, refusal, notes, clean.repairs
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process: alive
+    return True
+
+
+def release_dead_local_leases(sessions: sessionmaker[Session], max_attempts: int) -> None:
+    """At start: jobs still RUNNING under a worker of this host whose process is gone (the
+    previous worker, killed; systemd restarted this one) go back to the queue at once, instead
+    of waiting for their leases to expire while `status` looks healthy. A reused pid only
+    delays this to the lease's expiry. Never raises: the leases expire anyway."""
+    host = socket.gethostname()
+    try:
+        with read_only(sessions) as session:
+            owners = jobs.running_owners(session, f"{host}:")
+        dead = {int(parts[1]) for owner in owners
+                if len(parts := owner.split(":")) >= 3 and parts[1].isdigit()
+                and not _pid_alive(int(parts[1]))}
+        for pid in sorted(dead):
+            with unit_of_work(sessions) as session:
+                requeued, abandoned = jobs.release_leases(
+                    session, f"{host}:{pid}:", utcnow(), max_attempts, actor="worker")
+            log.warning("dead_worker_leases_released", pid=pid, jobs=requeued,
+                        abandoned=[j.job_id for j in abandoned])
+            for job in abandoned:
+                log.critical("job_abandoned", study_uid=job.study_uid, job_id=job.job_id,
+                             attempts=job.attempts, reason=FailureReason.ABANDONED.value, pid=pid)
+    except SQLAlchemyError as e:
+        log.error("dead_worker_leases_not_released", error=type(e).__name__)
+
+
 def run_worker(config: Config) -> int:
     """Entry point of `opacityd worker`; returns the exit code."""
     stop = threading.Event()
@@ -548,6 +583,7 @@ def run_worker(config: Config) -> int:
     except BundleError as e:
         log.error("model_bundle_unusable", error=str(e))
         return 2
+    release_dead_local_leases(worker.sessions, config.worker.retry.max_attempts)
     marker = ready_marker(config, os.getpid())
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.write_text(worker.manifest.label + "\n")

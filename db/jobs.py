@@ -207,6 +207,14 @@ def release_leases(session: Session, owner_prefix: str, now: datetime, max_attem
     return requeued, abandoned
 
 
+def running_owners(session: Session, owner_prefix: str) -> set[str]:
+    """The lease owners of RUNNING jobs whose owner starts with ``owner_prefix`` (a host)."""
+    return {owner for owner in session.scalars(
+        sa.select(Job.lease_owner).where(Job.state == JobState.RUNNING,
+                                         Job.lease_owner.startswith(owner_prefix, autoescape=True))
+        .distinct()) if owner}
+
+
 def job_inputs(session: Session, study_id: int) -> list[JobInput]:
     """The study's current instances (a superseded version is never an input), in arrival order."""
     rows = session.execute(

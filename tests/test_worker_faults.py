@@ -13,11 +13,13 @@ import errno
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
 
 from daemon.config import Config, load_config
+from db.engine import unit_of_work
 from db.models import AuditEvent, Instance, Job, Result
 from db.states import AuditAction, JobState
 from tests.conftest import Pacs, free_port, mounted_tmpfs, storescu, wait_until
@@ -552,3 +555,33 @@ def test_database_locked_while_results_are_recorded_retries_and_one_sr_arrives(
     assert max(job[3] for job in jobs.values()) == 2
     assert _srs_at(pacs) == {ds.StudyInstanceUID: 1 for ds in studies}
     assert worker.alive() and worker.terminate() == 0
+
+
+def test_a_restarted_worker_releases_the_leases_its_dead_predecessor_held_at_once(
+        tmp_path: Path, daemons: list[DaemonProcess], workers: list[WorkerProcess], pacs: Pacs,
+        demo_bundle: Path, db_of: Any) -> None:
+    """What a kill -9 of a standalone worker leaves (a RUNNING job under a long lease, owned by
+    a pid that is gone) is taken back by the next worker on the host when it starts, not after
+    the lease."""
+    daemon, cfg = _separate_worker(tmp_path, daemons, pacs, demo_bundle, lease_s=600.0)
+    db = db_of(cfg)
+    study = make_dx(96, 96, seed=21)
+    _store(daemon.port, tmp_path / "in", [study])
+    wait_until(lambda: len(db.query(sa.select(Job).where(Job.state == JobState.QUEUED))) == 1,
+               timeout=30, what="a queued job")
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    with unit_of_work(db.sessions) as session:
+        job = session.scalars(sa.select(Job)).one()
+        job.state, job.attempts = JobState.RUNNING, 1
+        job.lease_owner = f"{socket.gethostname()}:{gone.pid}:1"
+        job.lease_expires_at = datetime.now(UTC) + timedelta(seconds=600)
+    worker = WorkerProcess(cfg, tmp_path / "worker.log").start()
+    workers.append(worker)
+    wait_until(lambda: db.settled(1), timeout=120, what="the job scored and delivered")
+    ((state, _, _, attempts),) = db.jobs().values()
+    assert state == JobState.DONE and attempts == 2  # the vanished attempt stays counted
+    (released,) = _events(worker.log_path, "dead_worker_leases_released")
+    assert released["pid"] == gone.pid
+    assert _srs_at(pacs) == {study.StudyInstanceUID: 1}
+    assert worker.terminate() == 0
