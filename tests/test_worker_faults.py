@@ -155,6 +155,18 @@ def _separate_worker(tmp_path: Path, daemons: list[DaemonProcess], pacs: Pacs, b
                         bundle=bundle)
 
 
+def _score_as_one_batch(db: Db, cfg: Path, tmp_path: Path, workers: list[WorkerProcess],
+                        studies: int) -> WorkerProcess:
+    """Once ``studies`` jobs are queued, start `opacityd worker` (it claims them as one batch)
+    and wait until every job is settled and every SR delivered; returns the worker."""
+    wait_until(lambda: len(db.query(sa.select(Job).where(Job.state == JobState.QUEUED))) == studies,
+               timeout=30, what=f"{studies} queued jobs")
+    worker = WorkerProcess(cfg, tmp_path / "worker.log").start()
+    workers.append(worker)
+    wait_until(lambda: db.settled(studies), timeout=120, what="every job settled and SR delivered")
+    return worker
+
+
 PRIVATE_SOP_CLASS = "1.2.826.0.1.3680043.10.1234.1"
 """A vendor's private image storage class: accepted when configured, unknown to highdicom."""
 
@@ -167,12 +179,7 @@ def test_network_raising_on_one_image_fails_only_that_study_and_the_worker_goes_
     good = [make_dx(128, 128, seed=i) for i in range(3)]
     marked = _marked(seed=7)
     _store(daemon.port, tmp_path / "in", [good[0], marked, *good[1:]])
-    wait_until(lambda: len(db.query(sa.select(Job).where(Job.state == JobState.QUEUED))) == 4,
-               timeout=30, what="four queued jobs")
-    worker = WorkerProcess(cfg, tmp_path / "worker.log").start()
-    workers.append(worker)
-
-    wait_until(lambda: db.settled(4), timeout=120, what="every job settled and SR delivered")
+    worker = _score_as_one_batch(db, cfg, tmp_path, workers, 4)
     jobs = db.jobs()
     state, reason, error, _ = jobs[marked.StudyInstanceUID]
     assert (state, reason) == (JobState.FAILED, "inference_error")
@@ -212,12 +219,7 @@ def test_sr_builder_raising_on_a_header_fails_only_that_study(
     assert assoc.is_established
     assert assoc.send_c_store(odd).Status == 0x0000
     assoc.release()
-    wait_until(lambda: len(db.query(sa.select(Job).where(Job.state == JobState.QUEUED))) == 3,
-               timeout=30, what="three queued jobs")
-    worker = WorkerProcess(cfg, tmp_path / "worker.log").start()
-    workers.append(worker)
-
-    wait_until(lambda: db.settled(3), timeout=120, what="every job settled and SR delivered")
+    worker = _score_as_one_batch(db, cfg, tmp_path, workers, 3)
     jobs = db.jobs()
     state, reason, error, attempts = jobs[odd.StudyInstanceUID]
     assert (state, reason, attempts) == (JobState.FAILED, "sr_build_failed", 1)  # permanent
@@ -244,12 +246,7 @@ def test_spool_file_corrupted_after_acknowledgement_fails_only_its_study(
     (relative,) = db.query(sa.select(Instance.spool_path)
                            .where(Instance.sop_instance_uid == victim.SOPInstanceUID))[0]
     db.config.spool_dir.joinpath(relative).write_bytes(b"\x00" * 64 + b"not a DICOM file any more")
-    wait_until(lambda: len(db.query(sa.select(Job).where(Job.state == JobState.QUEUED))) == 3,
-               timeout=30, what="three queued jobs")
-    worker = WorkerProcess(cfg, tmp_path / "worker.log").start()
-    workers.append(worker)
-
-    wait_until(lambda: db.settled(3), timeout=120, what="every job settled and SR delivered")
+    worker = _score_as_one_batch(db, cfg, tmp_path, workers, 3)
     jobs = db.jobs()
     state, reason, error, _ = jobs[victim.StudyInstanceUID]
     assert (state, reason) == (JobState.FAILED, "spool_unreadable")
