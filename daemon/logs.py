@@ -55,6 +55,22 @@ def scrub_exception_values(_logger: Any, _method: str, event_dict: EventDict) ->
     return event_dict
 
 
+class _ProtocolNoise(logging.Filter):
+    """pynetdicom logs junk from the network (an undecodable PDU, a connection closed mid-PDU)
+    as ERROR with a traceback. It is the peer's fault, handled (the association is aborted and
+    our own ``association_closed`` / guard events say so): kept as a WARNING line, without the
+    traceback, whose text the scrubber still cleans."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.startswith("pynetdicom.dul"):
+            record.exc_info, record.exc_text = None, None
+            if record.levelno > logging.WARNING:
+                record.levelno, record.levelname = logging.WARNING, "WARNING"
+            if not record.getMessage():
+                return False  # LOGGER.exception(exc) of an exception without text: nothing left
+        return True
+
+
 def redact_phi(_logger: Any, _method: str, event_dict: EventDict) -> EventDict:
     for key in event_dict:
         if key.lower() in PHI_KEYS:
@@ -87,6 +103,7 @@ def configure_logging(level: str = "info", fmt: str = "auto", stream: TextIO | N
         foreign_pre_chain=[structlog.stdlib.add_logger_name, scrub_library_values, *shared],
         processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *tail, renderer],
     ))
+    handler.addFilter(_ProtocolNoise())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(_LEVELS[level])

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import logging
+import warnings
 
 import structlog
 from pynetdicom import AE
@@ -40,3 +42,31 @@ def test_json_output_off_a_terminal_and_phi_keys_redacted() -> None:
     line = json.loads(stream.getvalue().strip().splitlines()[-1])
     assert line["event"] == "probe" and line["study_uid"] == "1.2"
     assert line["patient_name"] == REDACTED and line["AccessionNumber"] == REDACTED
+
+
+def test_library_lines_lose_quoted_values_and_protocol_tracebacks() -> None:
+    stream = io.StringIO()
+    configure_logging("info", "json", stream)
+    try:
+        logging.getLogger("pydicom").warning("Invalid value for VR DA: '1970-01-31'.")
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.warn("Invalid value for VR PN: 'SECRET^NAME'", UserWarning, stacklevel=1)
+        value = "SECRET"
+        try:
+            raise ValueError(f"'{value}' cannot be decoded")
+        except ValueError as e:
+            logging.getLogger("pynetdicom.dul").error("Unable to decode the received PDU data")
+            logging.getLogger("pynetdicom.dul").exception(e)
+            structlog.get_logger("opacityd.test").error("failed", exc_info=e)
+    finally:
+        structlog.reset_defaults()
+        logging.captureWarnings(False)
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    text = stream.getvalue()
+    assert "1970-01-31" not in text and "SECRET" not in text
+    assert [line["level"] for line in lines if line.get("logger") == "pynetdicom.dul"] == [
+        "warning", "warning"]
+    assert all("exception" not in line for line in lines if line.get("logger") == "pynetdicom.dul")
+    (own,) = [line for line in lines if line["event"] == "failed"]
+    assert "ValueError" in own["exception"] and "Traceback" in own["exception"]
