@@ -287,7 +287,7 @@ def test_a_late_lateral_sent_to_serve_is_recorded_without_reopening_the_study(
 
 
 _POLLER = textwrap.dedent("""
-    import subprocess, sys, time, urllib.request
+    import os, subprocess, sys, time, urllib.request
     kind, target, stop, report = sys.argv[1:5]
     ok = failed = 0
     deadline = time.monotonic() + 600
@@ -303,8 +303,9 @@ _POLLER = textwrap.dedent("""
         except Exception:
             good = False
         ok, failed = ok + good, failed + (not good)
-        with open(report, "w") as fh:
+        with open(report + ".tmp", "w") as fh:  # renamed into place: never read half-written
             fh.write(f"{ok} {failed}")
+        os.replace(report + ".tmp", report)
         try:
             open(stop).close()
             break
@@ -314,9 +315,10 @@ _POLLER = textwrap.dedent("""
 
 
 def _poll_counts(report: Path) -> tuple[int, int]:
-    if not report.exists() or not report.read_text().strip():
-        return (0, 0)
-    ok, failed = report.read_text().split()
+    try:
+        ok, failed = report.read_text().split()
+    except (FileNotFoundError, ValueError):
+        return (0, 0)  # not written yet
     return int(ok), int(failed)
 
 
