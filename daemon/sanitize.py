@@ -235,7 +235,7 @@ def sanitized(header: Dataset, keep: Callable[[str], bool] | None = None) -> San
                 continue
             try:
                 elem = header[tag]
-            except Exception:  # noqa: BLE001 - pydicom raises many types for a bad raw element
+            except Exception:  # noqa: BLE001 - the attribute's boundary: recorded as dropped, the copy goes on
                 repairs.append(Repair(keyword, Action.DROPPED, Problem.UNDECODABLE))
                 continue
             vr = elem.VR
@@ -251,7 +251,7 @@ def sanitized(header: Dataset, keep: Callable[[str], bool] | None = None) -> San
                 continue
             try:
                 values = _text_values(elem)
-            except Exception:  # noqa: BLE001 - conversion of a raw value (e.g. IS '1.5')
+            except Exception:  # noqa: BLE001 - the attribute's boundary: an unconvertible raw value is recorded as dropped
                 repairs.append(Repair(keyword, Action.DROPPED, Problem.INVALID_FOR_VR))
                 continue
             vm_max = _vm_max(tag)

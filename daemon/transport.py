@@ -439,7 +439,7 @@ class GuardedRequestHandler(RequestHandler):
         request = header + self._read_exactly(conn, length, deadline)
         try:
             A_ASSOCIATE_RQ_PDU().decode(request)
-        except Exception as e:  # noqa: BLE001 - pynetdicom's decoders raise many types on junk
+        except Exception as e:  # noqa: BLE001 - the request's boundary: refused and recorded, the server goes on
             raise _Refused(Refusal.UNDECODABLE_REQUEST, ABORT_INVALID_PARAMETER,
                            error=type(e).__name__) from e
         return request

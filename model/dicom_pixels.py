@@ -101,7 +101,7 @@ def decode(ds: Dataset) -> tuple[np.ndarray, tuple[str, ...]]:
                               f"no decoder installed for {ds.file_meta.TransferSyntaxUID.name}")
     try:
         arr = ds.pixel_array
-    except Exception as e:  # noqa: BLE001 - decoders raise anything on damaged data
+    except Exception as e:  # noqa: BLE001 - the image's decode boundary: recorded as its refusal reason
         raise PreprocessError(Refusal.CORRUPT_PIXEL_DATA, f"{type(e).__name__} while decoding") from e
     notes: tuple[str, ...] = header_notes(ds)
     frames = int(ds.get("NumberOfFrames", 1) or 1)

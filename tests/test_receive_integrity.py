@@ -300,7 +300,7 @@ _POLLER = textwrap.dedent("""
                 proc = subprocess.run([sys.argv[5], "--config", target, "worklist", "--json"],
                                       capture_output=True, timeout=60)
                 good = proc.returncode == 0
-        except Exception:
+        except Exception:  # the poll's boundary: any failure is counted as a failed poll
             good = False
         ok, failed = ok + good, failed + (not good)
         with open(report + ".tmp", "w") as fh:  # renamed into place: never read half-written
