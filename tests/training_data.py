@@ -95,13 +95,14 @@ def make_tiny_data(root: Path) -> TinyData:
 
 
 def write_training_config(path: Path, tiny: TinyData, **sections: dict[str, object]) -> Path:
-    """A fast config over the tiny data: 71 px, no weights, one short epoch per phase."""
+    """A fast config over the tiny data: 71 px, from scratch (whole network), one short epoch per
+    phase."""
     base: dict[str, dict[str, object]] = {
         "data": {"siim": str(tiny.siim), "radiography": str(tiny.radiography),
                  "max_missing_fraction": 0.1},
         "model": {"input_size": 71, "weights": "none"},
         "train": {"batch_size": 4, "steps_per_epoch": 2},
-        "phase1": {"epochs": 1},
+        "phase1": {"epochs": 1, "train_base": True},
         "phase2": {"epochs": 1},
         "evaluate": {"bootstrap": 50, "error_examples": 3},
     }

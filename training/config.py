@@ -59,6 +59,7 @@ class TrainConfig:
     class_weights: bool
     early_stopping_patience: int
     steps_per_epoch: int
+    batchnorm_momentum: float
 
 
 @dataclass(frozen=True)
@@ -149,7 +150,12 @@ def _check(config: Config) -> None:
     require(0.0 < low <= high, "augment.brightness must be [low, high] with 0 < low <= high")
     require(0.0 <= config.augment.zoom < 1.0, "augment.zoom must be within 0..1")
     require(config.train.batch_size >= 1, "train.batch_size must be at least 1")
+    require(0.0 < config.train.batchnorm_momentum < 1.0, "train.batchnorm_momentum must be within 0..1")
     require(config.phase1.epochs >= 1, "phase1.epochs must be at least 1")
+    require(config.model.weights.lower() != "none" or config.phase1.train_base,
+            'model.weights = "none" with phase1.train_base = false would train a head on a frozen '
+            "random backbone, which learns nothing; set phase1.train_base = true to train the "
+            "whole network from scratch, or give ImageNet weights")
     require(config.phase2.epochs >= 0, "phase2.epochs must not be negative")
     targets = config.evaluate.target_sensitivities
     require(bool(targets) and all(0.0 < t < 1.0 for t in targets),

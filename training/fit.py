@@ -54,7 +54,12 @@ class ValidationMetrics(keras.callbacks.Callback):  # type: ignore[misc]
         p = np.clip(probs, 1e-7, 1 - 1e-7)
         logs["val_loss"] = float(-np.mean(self.y * np.log(p) + (1 - self.y) * np.log(1 - p)))
         logs["val_accuracy"] = float(np.mean((probs >= 0.5) == self.y))
-        logs["val_auc"] = auc(self.y, probs) or 0.5
+        # Never a stand-in value: an AUC of exactly 0.0 is the worst ranking and must lose the
+        # checkpoint choice (fit refuses a one-class validation split, where it is undefined).
+        value = auc(self.y, probs)
+        if value is None:
+            raise ValueError("validation split has one class only: ROC AUC is undefined")
+        logs["val_auc"] = value
 
 
 def predict_probabilities(model: keras.Model, cache: np.ndarray, rows: list[Row],
@@ -70,6 +75,25 @@ def predict_probabilities(model: keras.Model, cache: np.ndarray, rows: list[Row]
 def _set_trainable(model: keras.Model, train_base: bool) -> None:
     for layer in model.layers:
         layer.trainable = train_base or layer.name in HEAD_LAYERS
+
+
+def set_batchnorm_momentum(model: keras.Model, momentum: float) -> None:
+    """The moving-average momentum of every BatchNormalization layer (training only: inference
+    reads the moving statistics, not the momentum). Keras's default is 0.99; a network trained
+    from scratch for a few hundred steps needs a faster average, or its moving statistics still
+    lag the weights when it is evaluated and every image gets the same probability."""
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.momentum = momentum
+
+
+def check_validation(number: int, valid: list[Row]) -> None:
+    """A phase needs both classes in its validation split: its checkpoints are chosen by AUC."""
+    labels = {r.label for r in valid}
+    if len(labels) < 2:
+        raise ValueError(f"phase {number}: the validation split holds only "
+                         f"{', '.join(sorted(labels)) or 'no'} images; ROC AUC, which chooses "
+                         "checkpoints, needs both classes")
 
 
 def _class_weights(rows: list[Row]) -> dict[int, float]:
@@ -90,6 +114,7 @@ def run_phase(number: int, model: keras.Model, phase: PhaseConfig, config: Confi
     folder = paths.phase(number)
     folder.mkdir(parents=True, exist_ok=True)
     _set_trainable(model, phase.train_base)
+    set_batchnorm_momentum(model, config.train.batchnorm_momentum)
     model.compile(optimizer=keras.optimizers.Nadam(phase.learning_rate),
                   loss="categorical_crossentropy", metrics=["accuracy"])
     augmenter = build_augmenter(config.augment, config.train.seed + number)
@@ -139,6 +164,7 @@ def fit(config: Config, paths: RunPaths) -> dict[str, Any]:
         if not train or not valid:
             raise ValueError(f"phase {number}: no training or validation images from sources "
                              f"{list(phase.sources)}")
+        check_validation(number, valid)
         if paths.done(number).is_file():
             print(f"phase {number}: already finished ({paths.done(number)}); skipped", flush=True)
             record["phases"][number] = json.loads(paths.done(number).read_text())
