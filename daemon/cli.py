@@ -19,7 +19,14 @@ from daemon.exceptions import ConfigError
 from daemon.logs import configure_logging
 from daemon.output import emit
 from db import deliveries, jobs, migrate, queue
-from db.engine import create_db_engine, make_session_factory, read_only, unit_of_work
+from db.engine import (
+    check_reachable,
+    create_db_engine,
+    make_session_factory,
+    read_only,
+    unit_of_work,
+)
+from db.exceptions import DatabaseUnreachable
 from db.states import DeliveryState
 
 EXIT_OK, EXIT_ERROR, EXIT_CONFIG = 0, 1, 2
@@ -69,6 +76,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                       sys.stderr if args.command != "serve" else sys.stdout)
     try:
         return _dispatch(args, config)
+    except DatabaseUnreachable as e:
+        # One clear line, at start, for a database that is down or misnamed (never the password).
+        structlog.get_logger("opacityd.cli").error("database_unreachable", url=e.url, reason=e.reason)
+        emit(f"opacityd: {e}", error=True)
+        return EXIT_CONFIG
     except SQLAlchemyError as e:
         structlog.get_logger("opacityd.cli").error("database_error", error=type(e).__name__,
                                                    detail=str(e)[:300])
@@ -113,6 +125,7 @@ def _dispatch(args: argparse.Namespace, config: Config) -> int:
 def _db(args: argparse.Namespace, config: Config) -> int:
     engine = create_db_engine(config.database_url, config.database.busy_timeout_ms)
     try:
+        check_reachable(engine)
         if args.db_command == "upgrade":
             before, after = migrate.upgrade(engine)
             emit(f"schema: {before or 'empty'} -> {after}" if before != after
@@ -127,6 +140,7 @@ def _db(args: argparse.Namespace, config: Config) -> int:
 
 def _open_sessions(config: Config) -> tuple[Engine, sessionmaker[Session]]:
     engine = create_db_engine(config.database_url, config.database.busy_timeout_ms)
+    check_reachable(engine)
     if migrate.current_revision(engine) != migrate.head_revision():
         migrate.upgrade(engine)
     return engine, make_session_factory(engine)

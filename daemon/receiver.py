@@ -209,7 +209,11 @@ class Receiver:
         ]
 
     def start(self) -> None:
+        """Mark the spool root (workers elsewhere check the mark) and listen.
+        Raises SpoolError when the spool cannot be written, OSError when the port is taken."""
         r = self.config.receiver
+        if self.spool.mark():
+            log.info("spool_marked", root=str(self.spool.root))
         self.server = start_server(self.ae, (r.bind_address, r.port), Limits.from_config(r),
                                    self.handlers, _tls_context(self.config), self.metrics)
         log.info("receiver_listening", ae_title=r.ae_title, address=r.bind_address, port=self.port,

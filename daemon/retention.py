@@ -13,6 +13,7 @@ from daemon.config import Config
 from daemon.spool import Spool
 from db import retention
 from db.engine import read_only, unit_of_work
+from db.locks import exclusive
 
 log = structlog.get_logger("opacityd.retention")
 
@@ -28,7 +29,20 @@ class PurgeSummary:
 def purge(config: Config, sessions: sessionmaker[Session], spool: Spool, *, dry_run: bool = False,
           actor: str = "retention") -> PurgeSummary:
     """Delete what may go (or only list it, with ``dry_run``); rows are marked after deletion,
-    so a crash in between leaves a file already gone, which the next run marks."""
+    so a crash in between leaves a file already gone, which the next run marks.
+
+    One sweep at a time across every process sharing the database (``db.locks``): while
+    another process purges, this one returns an empty summary and logs ``purge_skipped``.
+    """
+    with exclusive(sessions.kw["bind"], "retention") as held:
+        if not held:
+            log.info("purge_skipped", reason="another_process_is_purging", actor=actor)
+            return PurgeSummary(0, 0, 0, [])
+        return _purge(config, sessions, spool, dry_run, actor)
+
+
+def _purge(config: Config, sessions: sessionmaker[Session], spool: Spool, dry_run: bool,
+           actor: str) -> PurgeSummary:
     r = config.retention
     # The scan only reads (no write lock, so receiving goes on); marking is a write.
     with read_only(sessions) as session:

@@ -34,6 +34,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from daemon.config import Config
 from daemon.disk import DiskGuard
+from daemon.exceptions import SpoolError
 from daemon.health import Check, Health, all_ok, ready_marker
 from daemon.http_api import HttpApi
 from daemon.metrics import Metrics
@@ -45,7 +46,7 @@ from daemon.spool import Spool
 from daemon.systemd import notify, watchdog_interval_s
 from daemon.transport import slots_check
 from db import jobs, migrate
-from db.engine import create_db_engine, make_session_factory, unit_of_work
+from db.engine import check_reachable, create_db_engine, display_url, make_session_factory, unit_of_work
 from model.errors import BundleError
 from model.manifest import Manifest, read_manifest
 
@@ -292,6 +293,7 @@ def serve(config: Config) -> int:
              label=manifest.label)
     config.spool_dir.mkdir(parents=True, exist_ok=True)
     engine = create_db_engine(config.database_url, config.database.busy_timeout_ms)
+    check_reachable(engine)  # raises DatabaseUnreachable: cli.main says so and exits 2
     before, after = migrate.upgrade(engine)
     if before != after:
         log.info("database_migrated", from_revision=before, to_revision=after)
@@ -317,7 +319,7 @@ def serve(config: Config) -> int:
         receiver.start()
         if http is not None:
             http.start()
-    except OSError as e:
+    except (OSError, SpoolError) as e:
         log.error("listen_failed", dicom_port=config.receiver.port, http_port=config.http.port, error=str(e))
         receiver.stop(0)
         if worker is not None:
@@ -326,7 +328,7 @@ def serve(config: Config) -> int:
         engine.dispose()
         return 1
     log.info("serving", config=config.source, state_dir=str(config.state_dir),
-             database=engine.url.render_as_string(hide_password=True),
+             database=display_url(engine),
              http_port=http.port if http is not None else None)
     _run_until_stopped(stop, worker, health)
     notify("STOPPING=1")

@@ -8,6 +8,11 @@ overwritten: when ``<sop>.dcm`` is taken (a kept second version, or a file left
 by a crash) the new copy gets ``<sop>.v<version>.<token>.dcm``. After a crash
 a spool file is either complete or absent; temporary files left by a crash are
 removed at start-up.
+
+The receiver marks the spool root (:data:`MARKER`) when it starts. A worker on another host
+reads the spool over a shared mount; where the marker is missing, the mount is missing
+(the worker then claims nothing, and a job whose files vanish with the mount is retried
+as ``spool_not_mounted`` rather than failed as ``spool_file_missing``).
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ from daemon.exceptions import SpoolError, SpoolFullError
 from model.durable import fsync_dir
 
 TEMP_SUFFIX = ".partial"
+MARKER = ".opacityd-spool"
+"""A file in the spool root, written by the receiver: its absence means an unmounted spool."""
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
@@ -50,6 +57,24 @@ class Spool:
 
     def absolute(self, relative: str) -> Path:
         return self.root / relative
+
+    def mark(self) -> bool:
+        """Write :data:`MARKER` in the root unless it is there; True when it was written.
+        Raises :class:`SpoolError` when the root cannot be written."""
+        marker = self.root / MARKER
+        if marker.is_file():
+            return False
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            marker.write_text("opacityd spool root: received instances live below this folder\n")
+            fsync_dir(self.root)
+        except OSError as e:
+            raise _spool_error(e, f"marking the spool root {self.root}") from e
+        return True
+
+    def mounted(self) -> bool:
+        """Whether this is the spool the receivers write to (:data:`MARKER` is there)."""
+        return (self.root / MARKER).is_file()
 
     def write_temp(self, study_uid: str, series_uid: str, sop_uid: str,
                    chunks: Sequence[bytes | memoryview]) -> Path:

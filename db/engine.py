@@ -22,7 +22,16 @@ from typing import Any, TypeVar
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
+
+from db.exceptions import DatabaseUnreachable
+
+PG_POOL_SIZE, PG_MAX_OVERFLOW = 8, 12
+"""Connections one process holds open to PostgreSQL, and how many more it may open at peaks
+(docs/operations.md, "Scaling out", adds them up per process kind)."""
+PG_CONNECT_TIMEOUT_S = 10
+"""A server that does not answer a connection attempt within this is treated as down."""
 
 READ_ONLY_OPTION = "opacityd_read_only"
 """Execution option marking a connection whose transactions only read (see :func:`read_only`)."""
@@ -31,6 +40,11 @@ READ_ONLY_OPTION = "opacityd_read_only"
 def create_db_engine(url: str, busy_timeout_ms: int = 10_000) -> Engine:
     """Return the process's engine for ``url``, configured for its dialect."""
     parsed = sa.make_url(url)
+    if parsed.get_backend_name() == "postgresql":
+        # pre-ping: a connection broken by a server restart is replaced, not handed out.
+        return sa.create_engine(url, pool_pre_ping=True, pool_size=PG_POOL_SIZE,
+                                max_overflow=PG_MAX_OVERFLOW,
+                                connect_args={"connect_timeout": PG_CONNECT_TIMEOUT_S})
     if parsed.get_backend_name() != "sqlite":
         return sa.create_engine(url, pool_pre_ping=True)
     if parsed.database and parsed.database != ":memory:":
@@ -63,6 +77,22 @@ def create_db_engine(url: str, busy_timeout_ms: int = 10_000) -> Engine:
             conn.exec_driver_sql("BEGIN IMMEDIATE")
 
     return engine
+
+
+def display_url(engine: Engine) -> str:
+    """The engine's URL as it may be shown and logged: the password hidden."""
+    return engine.url.render_as_string(hide_password=True)
+
+
+def check_reachable(engine: Engine) -> None:
+    """Open and close one connection, so that a process starts only with a database it can
+    reach. Raises :class:`DatabaseUnreachable` (URL without its password, the driver's reason)."""
+    try:
+        with engine.connect() as conn:
+            conn.exec_driver_sql("SELECT 1")
+    except DBAPIError as e:
+        reason = str(e.orig).strip().splitlines()[0] if e.orig is not None else type(e).__name__
+        raise DatabaseUnreachable(display_url(engine), reason) from e
 
 
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:

@@ -13,3 +13,15 @@ class InvalidTransition(DatabaseError):
         self.kind = kind
         self.current = current
         self.target = target
+
+
+class DatabaseUnreachable(DatabaseError):
+    """The database cannot be reached at start (server down, wrong host, refused login).
+
+    ``url`` is the configured URL with its password hidden; ``reason`` the driver's first line.
+    """
+
+    def __init__(self, url: str, reason: str) -> None:
+        super().__init__(f"cannot reach the database at {url}: {reason}")
+        self.url = url
+        self.reason = reason

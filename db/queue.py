@@ -18,6 +18,7 @@ import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
+from db.engine import for_claim, locks_rows
 from db.models import AuditEvent, Instance, Job, Study
 from db.states import AuditAction, JobState, StudyState, check_transition
 
@@ -106,6 +107,10 @@ _SELECT_LAST_VERSION = sa.select(sa.func.max(_INSTANCES.c.version)).where(
     _INSTANCES.c.sop_instance_uid == sa.bindparam("sop_uid"))
 _SELECT_STUDY = sa.select(_STUDIES.c.id, _STUDIES.c.state, _STUDIES.c.revision).where(
     _STUDIES.c.study_uid == sa.bindparam("study_uid"))
+# PostgreSQL: the receiver locks its study's row while it decides, so the scheduler cannot
+# close the study between that read and the instance's insert (the arrival would be filed
+# under a revision already queued). SQLite's BEGIN IMMEDIATE serialises writers already.
+_SELECT_STUDY_LOCKED = _SELECT_STUDY.with_for_update()
 _COUNT_DUPLICATE = (
     sa.update(_INSTANCES).where(_INSTANCES.c.id == sa.bindparam("iid"))
     .values(receive_count=_INSTANCES.c.receive_count + 1).returning(_INSTANCES.c.receive_count))
@@ -250,7 +255,8 @@ def _study_for_instance(session: Session, rec: InstanceRecord, now: datetime,
     non-chest image is recorded under the current revision and leaves the study closed.
     """
     conn = session.connection()
-    row = conn.execute(_SELECT_STUDY, {"study_uid": rec.study_uid}).first()
+    select_study = _SELECT_STUDY_LOCKED if locks_rows(session) else _SELECT_STUDY
+    row = conn.execute(select_study, {"study_uid": rec.study_uid}).first()
     if row is None:
         try:
             with conn.begin_nested():
@@ -261,7 +267,7 @@ def _study_for_instance(session: Session, rec: InstanceRecord, now: datetime,
                 }).scalar_one()
             return int(study_id), 1, False
         except IntegrityError:
-            row = conn.execute(_SELECT_STUDY, {"study_uid": rec.study_uid}).first()
+            row = conn.execute(select_study, {"study_uid": rec.study_uid}).first()
             if row is None:
                 raise
     study_id, state, revision = row
@@ -334,10 +340,12 @@ def complete_quiet_studies(session: Session, quiet_period: timedelta, now: datet
     Returns what was closed.
     """
     cutoff = now - quiet_period
-    candidates = session.execute(
+    # SKIP LOCKED (PostgreSQL): a study that another scheduler is closing, or a receiver is
+    # filing an instance into, is left for the next tick instead of waited for.
+    candidates = session.execute(for_claim(
         sa.select(Study.id, Study.study_uid, Study.revision)
         .where(Study.state == StudyState.RECEIVING, Study.last_received_at <= cutoff)
-        .order_by(Study.last_received_at)
+        .order_by(Study.last_received_at), session)
     ).all()
     done: list[Completion] = []
     for study_id, study_uid, revision in candidates:

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from sqlalchemy.engine import Engine
@@ -25,6 +25,9 @@ from daemon.scheduler import build_scheduler
 from daemon.spool import Spool
 from db import migrate
 from db.engine import create_db_engine, make_session_factory, unit_of_work
+
+if TYPE_CHECKING:
+    from tests.pg import PostgresCluster
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -69,21 +72,25 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 20.0, interval: fl
 
 def write_config(folder: Path, extra: str = "", *, port: int | None = None,
                  quiet_s: float = 0.5, grace_s: float = 5.0, log_level: str = "info",
-                 bundle: Path | None = None) -> Path:
-    """A config file for one test: its own state folder, a free port, a short quiet period."""
+                 bundle: Path | None = None, database_url: str = "") -> Path:
+    """A config file for one test: its own state folder, a free port, a short quiet period;
+    ``database_url`` empty: SQLite in the state folder."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "config.toml"
     receiver_extra, rest = _split_receiver(extra)
     http = f"[http]\nport = {free_port()}\n"
     if "[http]\n" in rest:  # the test configures [http] itself: give it a free port there
         rest, http = rest.replace("[http]\n", http, 1), ""
+    database = f'[database]\nurl = "{database_url}"\n' if database_url else ""
+    if database and "[database]\n" in rest:  # the test configures [database] itself
+        rest, database = rest.replace("[database]\n", database, 1), ""
     path.write_text(
         f'[paths]\nstate_dir = "{folder / "state"}"\n'
         f'[receiver]\nport = {port or free_port()}\nshutdown_grace_s = {grace_s}\n{receiver_extra}\n'
         f'[scheduler]\nstudy_quiet_period_s = {quiet_s}\ncheck_interval_s = 0.1\n'
         f'[logging]\nformat = "json"\nlevel = "{log_level}"\n'
         f'[model]\nbundle = "{bundle or ""}"\n'
-        f'{http}{rest}\n'
+        f'{database}{http}{rest}\n'
     )
     return path
 
@@ -173,9 +180,12 @@ class Harness:
 
 
 @contextmanager
-def running_receiver(folder: Path, extra: str = "", quiet_s: float = 0.5) -> Iterator[Harness]:
-    """An in-process receiver on a free loopback port with a migrated SQLite database."""
-    config = load_config(write_config(folder, extra, quiet_s=quiet_s), env={})
+def running_receiver(folder: Path, extra: str = "", quiet_s: float = 0.5,
+                     database_url: str = "") -> Iterator[Harness]:
+    """An in-process receiver on a free loopback port with a migrated database (SQLite in
+    ``folder`` unless ``database_url`` names another)."""
+    config = load_config(write_config(folder, extra, quiet_s=quiet_s, database_url=database_url),
+                         env={})
     engine = create_db_engine(config.database_url)
     migrate.upgrade(engine)
     sessions = make_session_factory(engine)
@@ -190,6 +200,43 @@ def running_receiver(folder: Path, extra: str = "", quiet_s: float = 0.5) -> Ite
         receiver.stop(2.0)
         scheduler.shutdown(wait=True)
         engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[PostgresCluster]:
+    """The session's PostgreSQL 15 cluster (started on first use). A test that stops it
+    must start it again; one that wants to break it takes :func:`own_pg_cluster`."""
+    from tests.pg import PostgresCluster, available
+
+    if not available():
+        pytest.skip("PostgreSQL 15 is not installed (scripts/setup.sh installs it)")
+    cluster = PostgresCluster().start()
+    yield cluster
+    cluster.destroy()
+
+
+@pytest.fixture
+def own_pg_cluster() -> Iterator[PostgresCluster]:
+    """A cluster of this test's own, free to be stopped, killed and restarted."""
+    from tests.pg import PostgresCluster, available
+
+    if not available():
+        pytest.skip("PostgreSQL 15 is not installed (scripts/setup.sh installs it)")
+    cluster = PostgresCluster().start()
+    yield cluster
+    cluster.destroy()
+
+
+ENGINES = ("sqlite", "postgresql")
+
+
+@pytest.fixture(params=ENGINES)
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh, empty database on each engine: a SQLite file, or a new PostgreSQL database."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'opacityd.sqlite3'}"
+    cluster: PostgresCluster = request.getfixturevalue("pg_cluster")
+    return cluster.new_database()
 
 
 @pytest.fixture

@@ -20,8 +20,9 @@ NOW = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 
 
 @pytest.fixture
-def sessions(tmp_path: Path):  # type: ignore[no-untyped-def]
-    engine = create_db_engine(f"sqlite:///{tmp_path / 'q.sqlite3'}")
+def sessions(database_url: str):  # type: ignore[no-untyped-def]
+    """A migrated database on each engine (tests/conftest.py: ``database_url``)."""
+    engine = create_db_engine(database_url)
     migrate.upgrade(engine)
     yield make_session_factory(engine)
     engine.dispose()
@@ -36,8 +37,8 @@ def _record(study: str, sop: str, eligible: bool = True) -> queue.InstanceRecord
         spool_path=None, size_bytes=10, calling_ae="TEST")
 
 
-def test_migrations_create_the_schema_and_are_idempotent(tmp_path: Path) -> None:
-    engine = create_db_engine(f"sqlite:///{tmp_path / 'm.sqlite3'}")
+def test_migrations_create_the_schema_and_are_idempotent(database_url: str) -> None:
+    engine = create_db_engine(database_url)
     assert migrate.current_revision(engine) is None
     assert migrate.upgrade(engine) == (None, migrate.head_revision())
     assert migrate.upgrade(engine) == (migrate.head_revision(), migrate.head_revision())
@@ -46,9 +47,10 @@ def test_migrations_create_the_schema_and_are_idempotent(tmp_path: Path) -> None
     engine.dispose()
 
 
-def test_db_upgrade_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_db_upgrade_command(tmp_path: Path, database_url: str,
+                            capsys: pytest.CaptureFixture[str]) -> None:
     cfg = tmp_path / "c.toml"
-    cfg.write_text(f'[paths]\nstate_dir = "{tmp_path / "s"}"\n')
+    cfg.write_text(f'[paths]\nstate_dir = "{tmp_path / "s"}"\n[database]\nurl = "{database_url}"\n')
     assert main(["--config", str(cfg), "db", "upgrade"]) == 0
     head = migrate.head_revision()
     assert f"empty -> {head}" in capsys.readouterr().out

@@ -66,9 +66,10 @@ def _sessions(cfg: Path):  # type: ignore[no-untyped-def]
 
 
 def _one_study_in(tmp_path: Path, shared_dicom: Path, demo_bundle: Path, pacs: Pacs,
-                  daemons: list[DaemonProcess]):  # type: ignore[no-untyped-def]
+                  daemons: list[DaemonProcess], database_url: str = ""):  # type: ignore[no-untyped-def]
     """Start serve towards ``pacs`` (not necessarily up) and push the real PA study to it."""
-    daemon, cfg = start_daemon(tmp_path, daemons, _destination(pacs), bundle=demo_bundle)
+    daemon, cfg = start_daemon(tmp_path, daemons, _destination(pacs), bundle=demo_bundle,
+                               database_url=database_url)
     port = daemon.port
     pa, _ = _study(shared_dicom, tmp_path / "in")
     _, acks = storescu(port, [pa])
@@ -84,9 +85,10 @@ def _delivery(sessions, state: DeliveryState) -> bool:  # type: ignore[no-untype
 
 def test_study_pushed_by_storescu_arrives_at_the_pacs_as_one_valid_sr(
         tmp_path: Path, shared_dicom: Path, demo_bundle: Path, pacs: Pacs,
-        daemons: list[DaemonProcess]) -> None:
+        daemons: list[DaemonProcess], database_url: str) -> None:
     pacs.start()
-    daemon, cfg = start_daemon(tmp_path, daemons, _destination(pacs), bundle=demo_bundle)
+    daemon, cfg = start_daemon(tmp_path, daemons, _destination(pacs), bundle=demo_bundle,
+                               database_url=database_url)
     port = daemon.port
     pa, lateral = _study(shared_dicom, tmp_path / "in")
     _, acks = storescu(port, [pa, lateral])
@@ -143,9 +145,10 @@ def test_pacs_down_then_up_gets_the_sr_exactly_once(tmp_path: Path, shared_dicom
 
 def test_killed_worker_mid_job_is_reclaimed_and_one_sr_arrives(
         tmp_path: Path, shared_dicom: Path, demo_bundle: Path, pacs: Pacs,
-        daemons: list[DaemonProcess]) -> None:
+        daemons: list[DaemonProcess], database_url: str) -> None:
     pacs.start()
-    daemon, cfg = start_daemon(tmp_path, daemons, _destination(pacs), bundle=demo_bundle)
+    daemon, cfg = start_daemon(tmp_path, daemons, _destination(pacs), bundle=demo_bundle,
+                               database_url=database_url)
     port = daemon.port
     engine, _ = _sessions(cfg)
     sessions = make_session_factory(engine)
@@ -247,8 +250,9 @@ def test_orthanc_pushes_a_study_and_the_sr_appears_in_the_same_study(
 
 def test_daemon_killed_with_a_delivery_outstanding_delivers_exactly_once_after_restart(
         tmp_path: Path, shared_dicom: Path, demo_bundle: Path, pacs: Pacs,
-        daemons: list[DaemonProcess]) -> None:
-    daemon, cfg, engine, sessions = _one_study_in(tmp_path, shared_dicom, demo_bundle, pacs, daemons)
+        daemons: list[DaemonProcess], database_url: str) -> None:
+    daemon, cfg, engine, sessions = _one_study_in(tmp_path, shared_dicom, demo_bundle, pacs, daemons,
+                                                  database_url)
 
     def attempted() -> bool:
         with unit_of_work(sessions) as s:

@@ -417,10 +417,11 @@ def _record(study: str, sop: str, *, eligible: bool = True) -> queue.InstanceRec
 
 
 @pytest.fixture
-def sessions(tmp_path: Path) -> Iterator[sessionmaker[Session]]:
+def sessions(database_url: str) -> Iterator[sessionmaker[Session]]:
+    """A migrated database on each engine (tests/conftest.py: ``database_url``)."""
     from db import migrate
 
-    engine = create_db_engine(f"sqlite:///{tmp_path / 'q.sqlite3'}")
+    engine = create_db_engine(database_url)
     migrate.upgrade(engine)
     yield make_session_factory(engine)
     engine.dispose()
