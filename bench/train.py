@@ -1,13 +1,16 @@
 """Training benchmark: images/s for phase 1 (base frozen) and phase 2 (whole network) at 299 px.
 
-    python -m bench.train [--input-size 299] [--batch 16] [--steps 4]
+    python -m bench.train [--input-size 299] [--batch 16] [--steps 4] [--workers 2]
+                          [--precision auto]
 
 For each phase, two figures measured in this process after a warm-up (graph compilation):
 - pipeline: ``model.fit`` over training/'s PyDataset (cached equalised images -> Keras 3
-  augmentation layers -> network scaling), as ``python -m training fit`` runs it;
+  augmentation layers, seeded per batch -> network scaling), with ``--workers`` loader threads
+  preparing batches ahead of the step, as ``python -m training fit`` runs it;
 - bare: ``train_on_batch`` on one ready tensor (the network and optimizer alone);
 and their ratio. Synthetic images: speed does not depend on the pixels. Any Keras backend
-(``KERAS_BACKEND=jax`` on a GPU host).
+(``KERAS_BACKEND=jax`` on a GPU host); ``--precision auto`` is mixed_float16 on a GPU and
+float32 elsewhere, as training's ``train.precision``.
 
 Then the cost of committing one epoch (training.resume, an improving epoch: weights with the
 optimizer state plus the best model, each fsynced and renamed) next to a plain Keras
@@ -35,6 +38,7 @@ from training.augment import build_augmenter
 from training.config import AugmentConfig
 from training.dataset import Batches, Row
 from training.fit import _set_trainable
+from training.precision import POLICIES, precision, resolve_policy
 from training.records import Label, Split
 
 
@@ -61,8 +65,8 @@ def commit_seconds(model: keras.Model, folder: Path, repeats: int = 3) -> tuple[
     return float(np.median(commit)), float(np.median(plain))
 
 
-def measure(phase: int, size: int, batch: int, steps: int,
-            out: Path) -> tuple[float, float, tuple[float, float]]:
+def measure(phase: int, size: int, batch: int, steps: int, out: Path,
+            workers: int) -> tuple[float, float, tuple[float, float]]:
     keras.utils.set_random_seed(phase)
     model = build_xception(size, weights=None)
     _set_trainable(model, train_base=phase == 2)
@@ -73,7 +77,8 @@ def measure(phase: int, size: int, batch: int, steps: int,
     rows = [Row(str(i), "", "bench", Label.OPACITY if i % 2 else Label.NONE, Split.TRAIN, i)
             for i in range(count)]
     augmenter = build_augmenter(AugmentConfig(True, 0.1, 0.05, (0.8, 1.1)), seed=phase)
-    batches = Batches(cache, rows, batch, augmenter, seed=phase)
+    batches = Batches(cache, rows, batch, augmenter, seed=phase, workers=workers,
+                      max_queue_size=2 * workers)
     _progress(f"phase {phase}: warm-up (compiling the training step)")
     model.fit(batches, epochs=1, steps_per_epoch=1, verbose=0)
     _progress(f"phase {phase}: pipeline, {steps} steps of {batch}")
@@ -97,18 +102,23 @@ def main() -> int:
     parser.add_argument("--input-size", type=int, default=299)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--workers", type=int, default=2, help="loader threads (train.loader_workers)")
+    parser.add_argument("--precision", choices=POLICIES, default="auto")
     parser.add_argument("--out", type=Path, default=Path("."),
                         help="folder on the file system whose writes the commit figure measures")
     args = parser.parse_args()
+    policy = resolve_policy(args.precision)
     print(f"host: {platform.node()} ({os.cpu_count()} CPUs), Keras {keras.__version__} on "
-          f"{keras.backend.backend()}, device {describe_device()}; input {args.input_size} px, "
-          f"batch {args.batch}, {args.steps} timed steps")
+          f"{keras.backend.backend()}, device {describe_device()}, precision {policy}; input "
+          f"{args.input_size} px, batch {args.batch}, {args.steps} timed steps, {args.workers} "
+          "loader threads")
     print("| phase | pipeline images/s | bare train_on_batch images/s | pipeline / bare |")
     print("|---|---|---|---|")
     commits = {}
     for phase in (1, 2):
-        pipeline, bare, commits[phase] = measure(phase, args.input_size, args.batch, args.steps,
-                                                 args.out)
+        with precision(policy):
+            pipeline, bare, commits[phase] = measure(phase, args.input_size, args.batch, args.steps,
+                                                     args.out, args.workers)
         print(f"| {phase} ({'base frozen' if phase == 1 else 'all trainable'}) | {pipeline:.2f} | "
               f"{bare:.2f} | {pipeline / bare:.2f} |", flush=True)
     print("\n| phase | epoch commit s (weights + optimizer + best model, fsynced) | "

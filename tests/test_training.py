@@ -46,7 +46,7 @@ def test_prepare_maps_labels_and_reports_problems(prepared: tuple[Path, object])
     by_id = {r["image_id"]: r for r in rows}
     siim = [r for r in rows if r["source"] == "siim"]
     radiography = [r for r in rows if r["source"] == "radiography"]
-    assert len(siim) == 14 and len(radiography) == 16
+    assert len(siim) == 22 and len(radiography) == 16
     for row in siim:  # the study label wins, whatever the image label says
         assert row["label"] == data.study_label[data.study_of_image[row["image_id"]]]
     assert by_id[data.disagreeing_image]["label"] == "opacity"
@@ -66,10 +66,10 @@ def test_prepare_maps_labels_and_reports_problems(prepared: tuple[Path, object])
     assert "image-level label 'opacity' in a negative study: 1 images" in notes
     assert "Viral Pneumonia.metadata.xlsx is missing" in notes
     summary = {r["source"]: r for r in csv.DictReader((run / "data" / "summary.csv").open())}
-    assert summary["ALL"]["images"] == "30"
-    assert int(summary["ALL"]["none"]) + int(summary["ALL"]["opacity"]) == 30
+    assert summary["ALL"]["images"] == "38"
+    assert int(summary["ALL"]["none"]) + int(summary["ALL"]["opacity"]) == 38
     cache = np.load(run / "data" / "equalized.npy", mmap_mode="r")
-    assert cache.shape == (30, 71, 71) and 0.0 <= float(cache.min()) and float(cache.max()) <= 1.0
+    assert cache.shape == (38, 71, 71) and 0.0 <= float(cache.min()) and float(cache.max()) <= 1.0
 
 
 def test_splits_hold_out_competition_data_without_study_leakage(prepared: tuple[Path, object]) -> None:
@@ -114,7 +114,7 @@ def test_too_many_missing_images_fail_with_the_report(tmp_path: Path,
     run = tmp_path / "run"
     assert train_main(["prepare", "--config", str(config), "--run", str(run)]) == EXIT_USAGE
     err = capsys.readouterr().err
-    assert "2 of 32 images are missing or unreadable" in err and "problems.csv" in err
+    assert "2 of 40 images are missing or unreadable" in err and "problems.csv" in err
     problems = (run / "data" / "problems.csv").read_text()
     assert "i0020" in problems and "unreadable" in problems and "not_readable" in problems
     assert not (run / "config.toml").exists()  # not a prepared run: fit would refuse it
@@ -154,17 +154,49 @@ def test_augmentation_stays_in_range_and_is_seeded() -> None:
 
     config = AugmentConfig(horizontal_flip=True, zoom=0.1, shear_degrees=0.05, brightness=(0.8, 1.1))
     images = np.random.default_rng(0).random((6, 40, 40)).astype(np.float32)
-    first = augment(build_augmenter(config, 7), images)
-    second = augment(build_augmenter(config, 7), images)
+    augmenter = build_augmenter(config, 7)
+    first = augment(augmenter, images, seed=11)
+    second = augment(build_augmenter(config, 7), images, seed=11)
     assert first.shape == images.shape and first.dtype == np.float32
     assert 0.0 <= first.min() and first.max() <= 1.0
     np.testing.assert_allclose(first, second)
     assert not np.allclose(first, images)
+    assert not np.allclose(first, augment(augmenter, images, seed=12))
     only_flip = AugmentConfig(horizontal_flip=True, zoom=0.0, shear_degrees=0.0, brightness=(1.0, 1.0))
-    flipped = augment(build_augmenter(only_flip, 1), np.repeat(images[:1], 32, axis=0))
+    flipped = augment(build_augmenter(only_flip, 1), np.repeat(images[:1], 32, axis=0), seed=3)
     mirrored = sum(np.allclose(f, images[0][:, ::-1]) for f in flipped)
     assert 0 < mirrored < 32 and all(np.allclose(f, images[0]) or np.allclose(f, images[0][:, ::-1])
                                      for f in flipped)
+    # Zoom draws height and width independently (ImageDataGenerator's zoom_range), not one factor.
+    zoom = AugmentConfig(horizontal_flip=False, zoom=0.3, shear_degrees=0.0, brightness=(1.0, 1.0))
+    layer = build_augmenter(zoom, 1).layers[0]
+    import keras
+
+    change = layer.get_random_transformation(images[..., None], training=True,
+                                             seed=keras.random.SeedGenerator(5))
+    heights, widths = (np.asarray(keras.ops.convert_to_numpy(change[k])) for k in
+                       ("height_zoom", "width_zoom"))
+    assert not np.allclose(heights, widths)
+
+
+def test_batches_are_the_same_whatever_order_the_loader_threads_take_them_in() -> None:
+    from training.augment import build_augmenter
+    from training.config import AugmentConfig
+    from training.dataset import Batches, Row
+    from training.records import Label, Split
+
+    cache = np.random.default_rng(1).random((10, 32, 32)).astype(np.float32)
+    rows = [Row(str(i), "", "s", Label.OPACITY if i % 2 else Label.NONE, Split.TRAIN, i) for i in range(10)]
+    augmenter = build_augmenter(AugmentConfig(True, 0.1, 0.05, (0.8, 1.1)), 3)
+    one = Batches(cache, rows, 4, augmenter, seed=9)
+    other = Batches(cache, rows, 4, augmenter, seed=9, workers=2, max_queue_size=4)
+    backwards = [other[i] for i in reversed(range(len(other)))][::-1]
+    for (x1, y1), (x2, y2) in zip([one[i] for i in range(len(one))], backwards, strict=True):
+        np.testing.assert_allclose(x1, x2)
+        np.testing.assert_array_equal(y1, y2)
+    one.on_epoch_end()
+    assert not np.allclose(one[0][0][:2], other[0][0][:2])  # a new epoch: new order and draws
+    assert sorted(np.concatenate([one[i][1][:, 1] for i in range(len(one))])) == [0.0] * 5 + [1.0] * 5
 
 
 @pytest.mark.skipif(not LABELLED.is_file(), reason="../shared/data/labelled is not present")
@@ -208,11 +240,25 @@ def test_prepare_fit_evaluate_export_and_the_daemon_predicts_the_same(
         assert (run / "evaluation" / f"{png}.png").stat().st_size > 5000
     report = (run / "evaluation" / "report.md").read_text()
     assert "77.83 %" in report and "![roc](roc.png)" in report and "from scratch" in report
+    for thesis in ("76.67 %", "75.20 %", "[[238 98] [213 705]]", "[[215 121] [157 761]]",
+                   "82.9 % / 64.0 %", "1,254 images"):
+        assert thesis in report, thesis
+    phase1 = metrics["phase1"]
+    assert phase1["checkpoint"] == "phase1/best.keras" and "| phase 1, test" in report
+    assert sum(map(sum, phase1["test"]["argmax"]["confusion_matrix"])) == metrics["test"]["images"]
+    assert "not meaningful: n < 30" in report  # the tiny test split
+    # The bundle's thresholds keep the validation sensitivity at each target.
+    valid_rows = [r for r in csv.DictReader((run / "evaluation" / "predictions.csv").open())
+                  if r["split"] == "valid"]
+    y_valid = np.array([r["label"] == "opacity" for r in valid_rows], dtype=int)
+    p_valid = np.array([float(r["probability"]) for r in valid_rows])
+    for name, target in (("urgent", 0.90), ("decision", 0.95), ("elevated", 0.98)):
+        assert at_threshold(y_valid, p_valid, thresholds[name])["sensitivity"] >= target, name
     assert train_main(["status", "--run", str(run)]) == 0
     status = capsys.readouterr().out
     assert "phase 1: done, 1/1 epochs" in status and "phase 2: done, 1/1 epochs" in status, status
     assert f"evaluated: final test {metrics['test']['images']} images, AUC" in status
-    assert "prepared: 30 images" in status, status
+    assert "prepared: 38 images" in status, status
     assert train_main(["export", "--run", str(run), "--bundle", str(bundle), "--version", "0.0.1-test"]) == 0
 
     info = subprocess.run([sys.executable, "-m", "daemon.cli", "model", "info", str(bundle)], cwd=REPO,
@@ -361,11 +407,14 @@ def test_fit_killed_mid_phase_resumes_where_it_stopped(tmp_path: Path, moment: s
 
 @pytest.mark.timeout(900)
 def test_training_runs_under_jax_and_the_daemon_serves_its_bundle(tmp_path: Path) -> None:
-    """GPU hosts have JAX but no TensorFlow: the same code trains there, and the bundle it
-    exports is served by the daemon's TensorFlow predictor with the same probabilities."""
+    """GPU hosts have JAX but no TensorFlow: the same code trains there, with mixed precision,
+    and the float32 bundle it exports is served by the daemon's TensorFlow predictor with the
+    same probabilities."""
     pytest.importorskip("jax")
     data = make_tiny_data(tmp_path)
-    config = write_training_config(tmp_path / "t.toml", data, phase2={"epochs": 0})
+    # Mixed precision as on a GPU (forced here, on the CPU), batches from two loader threads.
+    config = write_training_config(tmp_path / "t.toml", data, phase2={"epochs": 0},
+                                   train={"precision": "mixed_float16", "loader_workers": 2})
     run, bundle = tmp_path / "run", tmp_path / "bundle"
     assert train_main(["prepare", "--config", str(config), "--run", str(run)]) == 0
     env = {**os.environ, "KERAS_BACKEND": "jax"}
@@ -374,7 +423,9 @@ def test_training_runs_under_jax_and_the_daemon_serves_its_bundle(tmp_path: Path
         proc = subprocess.run([sys.executable, "-m", "training", *args], cwd=REPO, env=env,
                               capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-2000:]
-    assert json.loads((run / "fit.json").read_text())["backend"] == "jax"
+    fit_record = json.loads((run / "fit.json").read_text())
+    assert (fit_record["backend"], fit_record["precision"]) == ("jax", "mixed_float16")
+    assert "precision mixed_float16" in (run / "fit.log").read_text()
     from model.predictor import Predictor
     from model.preprocess import preprocess
 

@@ -1,6 +1,8 @@
 """Tiny datasets in the exact Kaggle layouts, generated: SIIM-FISABIO-RSNA (DICOM tree + the two
 CSVs) and the COVID-19 Radiography Database (class folders of PNGs), with the awkward cases
-the real data has: image/study label disagreements, a missing file and a duplicate image."""
+the real data has: image/study label disagreements, a missing file, a duplicate image, a
+patient with two studies and (on request) near-duplicate copies of a SIIM image filed under
+the Radiography Database's COVID class."""
 
 from __future__ import annotations
 
@@ -26,19 +28,29 @@ class TinyData:
     study_label: dict[str, str] = field(default_factory=dict)
     missing_image: str = ""
     disagreeing_image: str = ""
+    patient_of_study: dict[str, str] = field(default_factory=dict)
+    near_duplicates: dict[str, str] = field(default_factory=dict)
+    """Planted copy (image id) -> the SIIM image id it copies."""
 
 
 def _texture(seed: int, size: int = 96) -> np.ndarray:
-    """A chest-like gray picture: a bright frame, two darker lungs, noise."""
+    """A chest-like gray picture: a bright frame, two darker lungs (placed and sized by the
+    seed), a few soft blobs, noise. Different seeds give pictures that are not near-duplicates."""
     rng = np.random.default_rng(seed)
     y, x = np.mgrid[0:size, 0:size] / size
-    lungs = np.exp(-(((x - 0.3) / 0.12) ** 2 + ((y - 0.5) / 0.25) ** 2))
-    lungs += np.exp(-(((x - 0.7) / 0.12) ** 2 + ((y - 0.5) / 0.25) ** 2))
-    image = 0.8 - 0.5 * lungs + 0.1 * rng.random((size, size))
+    image = 0.8 - 0.1 * y
+    for centre in (0.3, 0.7):
+        cx, cy = centre + rng.uniform(-0.06, 0.06), 0.5 + rng.uniform(-0.08, 0.08)
+        sx, sy = rng.uniform(0.09, 0.15), rng.uniform(0.18, 0.3)
+        image = image - 0.45 * np.exp(-(((x - cx) / sx) ** 2 + ((y - cy) / sy) ** 2))
+    for _ in range(4):
+        bx, by, r = rng.uniform(0.15, 0.85), rng.uniform(0.15, 0.85), rng.uniform(0.04, 0.1)
+        image = image + rng.uniform(-0.25, 0.25) * np.exp(-(((x - bx) ** 2 + (y - by) ** 2) / r ** 2))
+    image = image + 0.05 * rng.random((size, size))
     return np.clip(image, 0, 1)
 
 
-def make_siim(root: Path, studies: int = 12) -> TinyData:
+def make_siim(root: Path, studies: int = 20) -> TinyData:
     data = TinyData(root / "siim", root / "radiography")
     study_rows, image_rows = [], []
     for s in range(studies):
@@ -59,6 +71,9 @@ def make_siim(root: Path, studies: int = 12) -> TinyData:
                                "StudyInstanceUID": study})
             data.study_of_image[image_id] = study
             ds = make_dx(96, 96, study_uid=f"1.2.826.0.1.3680043.8.498.{s + 1}", seed=s * 10 + k)
+            # One patient per study, except studies 2 and 3: one patient, two studies.
+            patient = "PAT002" if s in (2, 3) else f"PAT{s:03d}"
+            ds.PatientID = data.patient_of_study.setdefault(study, patient)
             ds.PixelData = (_texture(s * 10 + k) * 4000).astype(np.uint16).tobytes()
             folder = data.siim / "train" / study / f"series{s}"
             folder.mkdir(parents=True, exist_ok=True)
@@ -88,9 +103,24 @@ def make_radiography(data: TinyData, per_class: int = 4) -> None:
                 data.radiography / "Lung_Opacity" / "images" / "Lung_Opacity-99.png")
 
 
-def make_tiny_data(root: Path) -> TinyData:
+def plant_near_duplicates(data: TinyData, image_id: str = "i0040") -> None:
+    """Three copies of SIIM image ``image_id`` (study s004, seed 40) as the COVID class's
+    images: re-encoded as JPEG, resized (as a PNG), and shifted by 2 px (about 2 %)."""
+    pixels = (_texture(40) * 255).astype(np.uint8)
+    folder = data.radiography / "COVID" / "images"
+    Image.fromarray(pixels).save(folder / "COVID-901.jpg", quality=70)
+    Image.fromarray(pixels).resize((131, 131), Image.Resampling.BILINEAR).save(folder / "COVID-902.png")
+    shifted = np.pad(pixels, ((2, 0), (2, 0)), mode="edge")[:96, :96]
+    Image.fromarray(shifted).save(folder / "COVID-903.png")
+    for name in ("COVID-901", "COVID-902", "COVID-903"):
+        data.near_duplicates[f"radiography:{name}"] = image_id
+
+
+def make_tiny_data(root: Path, near_duplicates: bool = False) -> TinyData:
     data = make_siim(root)
     make_radiography(data)
+    if near_duplicates:
+        plant_near_duplicates(data)
     return data
 
 

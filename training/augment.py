@@ -7,6 +7,10 @@ of tan(0.05 deg) = 0.0009), brightness x[0.8, 1.1] (multiplicative, clipped to [
 
 One deliberate difference from the thesis: ImageDataGenerator applied brightness before its
 preprocessing_function (equalize_hist), which largely undid it; here it acts after equalisation.
+
+Each batch's random transformation is drawn from its own seed (:func:`augment`), not from the
+layers' shared seed state, so batches can be prepared in parallel threads ahead of the
+training step and still come out the same for the same seed.
 """
 
 from __future__ import annotations
@@ -29,10 +33,12 @@ class RandomBrightnessScale(keras.layers.Layer):
         self.seed_generator = keras.random.SeedGenerator(seed)
 
     def call(self, images: Any, training: bool = True) -> Any:
-        if not training:
-            return images
+        return self.apply(images, self.seed_generator) if training else images
+
+    def apply(self, images: Any, seed: keras.random.SeedGenerator) -> Any:
+        """The layer's random change, drawn from ``seed``."""
         shape = (keras.ops.shape(images)[0], 1, 1, 1)
-        factors = keras.random.uniform(shape, self.low, self.high, seed=self.seed_generator)
+        factors = keras.random.uniform(shape, self.low, self.high, seed=seed)
         return keras.ops.clip(images * factors, 0.0, 1.0)
 
     def get_config(self) -> dict[str, Any]:
@@ -56,9 +62,20 @@ def build_augmenter(config: AugmentConfig, seed: int) -> keras.Sequential:
     return keras.Sequential(layers, name="augment")
 
 
-def augment(augmenter: keras.Sequential, equalized: np.ndarray) -> np.ndarray:
-    """(n, h, w) equalised images -> augmented (n, h, w), float32 numpy."""
+def augment(augmenter: keras.Sequential, equalized: np.ndarray, seed: int) -> np.ndarray:
+    """(n, h, w) equalised images -> augmented (n, h, w), float32 numpy; the same ``seed``
+    gives the same result. Each layer draws from its own SeedGenerator made from ``seed``
+    (never from the layer's shared state), which makes concurrent calls safe. A generator
+    rather than an integer seed: RandomZoom draws its height and width factors with the same
+    seed argument, and an integer would make them equal."""
     if not augmenter.layers:
         return equalized
-    out = augmenter(equalized[..., None].astype(np.float32), training=True)
-    return np.asarray(keras.ops.convert_to_numpy(out))[..., 0]
+    images = keras.ops.convert_to_tensor(equalized[..., None].astype(np.float32))
+    for k, layer in enumerate(augmenter.layers):
+        generator = keras.random.SeedGenerator(seed * 16 + k)
+        if isinstance(layer, RandomBrightnessScale):
+            images = layer.apply(images, generator)
+        else:
+            change = layer.get_random_transformation(images, training=True, seed=generator)
+            images = layer.transform_images(images, change, training=True)
+    return np.asarray(keras.ops.convert_to_numpy(images))[..., 0]

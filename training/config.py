@@ -24,11 +24,15 @@ class DataConfig:
     radiography: str
     labelled_csv: str
     labelled_images: str
+    siim_metadata: str
     max_missing_fraction: float
+    near_duplicate_distance: int
+    near_duplicate_correlation: float
 
 
 @dataclass(frozen=True)
 class SplitConfig:
+    strategy: str
     seed: int
     test_sources: tuple[str, ...]
     test_fraction: float
@@ -60,6 +64,9 @@ class TrainConfig:
     early_stopping_patience: int
     steps_per_epoch: int
     batchnorm_momentum: float
+    loader_workers: int
+    prefetch_batches: int
+    precision: str
 
 
 @dataclass(frozen=True)
@@ -143,6 +150,12 @@ def _check(config: Config) -> None:
             raise ConfigError(message)
 
     require(71 <= config.model.input_size <= 1024, "model.input_size must be within 71..1024")
+    require(config.split.strategy in ("grouped", "thesis"),
+            f"split.strategy = {config.split.strategy!r}: expected 'grouped' or 'thesis'")
+    require(config.data.near_duplicate_distance <= 64,
+            "data.near_duplicate_distance must be at most 64 (bits of the hash); -1 turns it off")
+    require(0.0 < config.data.near_duplicate_correlation <= 1.0,
+            "data.near_duplicate_correlation must be within 0..1")
     require(config.model.aspect in ("stretch", "pad"), "model.aspect must be 'stretch' or 'pad'")
     for name in ("test_fraction", "valid_fraction"):
         require(0.0 < getattr(config.split, name) < 1.0, f"split.{name} must be between 0 and 1")
@@ -150,6 +163,10 @@ def _check(config: Config) -> None:
     require(0.0 < low <= high, "augment.brightness must be [low, high] with 0 < low <= high")
     require(0.0 <= config.augment.zoom < 1.0, "augment.zoom must be within 0..1")
     require(config.train.batch_size >= 1, "train.batch_size must be at least 1")
+    require(config.train.loader_workers >= 1, "train.loader_workers must be at least 1")
+    require(config.train.prefetch_batches >= 1, "train.prefetch_batches must be at least 1")
+    require(config.train.precision in ("auto", "float32", "mixed_float16", "mixed_bfloat16"),
+            "train.precision must be 'auto', 'float32', 'mixed_float16' or 'mixed_bfloat16'")
     require(0.0 < config.train.batchnorm_momentum < 1.0, "train.batchnorm_momentum must be within 0..1")
     require(config.phase1.epochs >= 1, "phase1.epochs must be at least 1")
     require(config.model.weights.lower() != "none" or config.phase1.train_base,

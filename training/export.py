@@ -11,13 +11,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-import keras
-
 from model.bundle import save_bundle
 from model.manifest import Manifest, Thresholds, sha256_file
-from model.network import build_xception
 from training.config import Config
 from training.fit import best_checkpoint
+from training.precision import float32_network
 from training.prepare import preprocess_spec
 from training.run import RunPaths
 
@@ -26,14 +24,14 @@ def export(config: Config, paths: RunPaths, bundle: Path, name: str, version: st
     if not paths.metrics.is_file():
         raise FileNotFoundError(f"{paths.metrics} does not exist; run `python -m training evaluate` first")
     metrics: dict[str, Any] = json.loads(paths.metrics.read_text())
-    trained = keras.saving.load_model(best_checkpoint(config, paths), compile=False)
-    # A fresh, uncompiled copy: the bundle carries weights, not optimizer state.
-    model = build_xception(config.model.input_size, weights=None, name="opacity_xception")
-    model.set_weights(trained.get_weights())
+    # A fresh, uncompiled float32 copy: the bundle carries weights, not optimizer state, and
+    # never the mixed precision training may have used.
+    model = float32_network(best_checkpoint(config, paths), config.model.input_size)
     fit_record = json.loads((paths.root / "fit.json").read_text())
     training = {
         "run": paths.root.name,
         "backbone_weights": config.model.weights,
+        "split_strategy": config.split.strategy,
         "fit": fit_record,
         "data_manifest_sha256": sha256_file(paths.manifest),
         "data_summary_sha256": sha256_file(paths.summary),

@@ -19,12 +19,14 @@ from typing import Any
 import keras
 import numpy as np
 
+from model.device import describe_device
 from model.durable import write_text_durably
 from model.network import build_xception
 from training.augment import build_augmenter
 from training.config import Config, PhaseConfig
 from training.dataset import Batches, Row, inputs, load_rows, open_cache, select
 from training.metrics import auc
+from training.precision import precision, resolve_policy
 from training.records import Split
 from training.resume import BACKUP, EpochCommit, load_state, log_line, restore
 from training.run import RunPaths
@@ -119,7 +121,9 @@ def run_phase(number: int, model: keras.Model, phase: PhaseConfig, config: Confi
                   loss="categorical_crossentropy", metrics=["accuracy"])
     augmenter = build_augmenter(config.augment, config.train.seed + number)
     batches = Batches(cache, train, config.train.batch_size, augmenter,
-                      seed=config.train.seed + number, max_batches=config.train.steps_per_epoch)
+                      seed=config.train.seed + number, max_batches=config.train.steps_per_epoch,
+                      workers=config.train.loader_workers,
+                      max_queue_size=config.train.prefetch_batches)
     checkpoint, history_csv = paths.checkpoint(number), paths.history(number)
     log_file = paths.root / "fit.log"
     state = load_state(folder, checkpoint, history_csv)
@@ -152,15 +156,27 @@ def _weights_argument(weights: str) -> str | None:
 
 
 def fit(config: Config, paths: RunPaths) -> dict[str, Any]:
+    """Both phases under the configured precision (mixed on a GPU by default); returns and
+    writes fit.json."""
+    policy = resolve_policy(config.train.precision)
+    log_line(paths.root / "fit.log", f"backend {keras.backend.backend()} on {describe_device()}, "
+                                     f"precision {policy} (train.precision = {config.train.precision})")
+    with precision(policy):
+        return _fit(config, paths, policy)
+
+
+def _fit(config: Config, paths: RunPaths, policy: str) -> dict[str, Any]:
     keras.utils.set_random_seed(config.train.seed)
     rows = load_rows(paths.manifest)
     cache = open_cache(paths.cache)
     record: dict[str, Any] = {"backend": keras.backend.backend(), "keras_version": keras.__version__,
+                              "device": describe_device(), "precision": policy,
                               "weights": config.model.weights, "phases": {}}
     for number, phase in ((1, config.phase1), (2, config.phase2)):
         if phase.epochs == 0:
             continue
-        train, valid = select(rows, Split.TRAIN, phase.sources), select(rows, Split.VALID, phase.sources)
+        train = select(rows, Split.TRAIN, phase.sources, phase=number)
+        valid = select(rows, Split.VALID, phase.sources, phase=number)
         if not train or not valid:
             raise ValueError(f"phase {number}: no training or validation images from sources "
                              f"{list(phase.sources)}")

@@ -116,8 +116,11 @@ def write_all(paths: RunPaths, metrics: dict[str, Any], curves: dict[str, tuple[
     training_curves({n: paths.history(n) for n in (1, 2)}, files[0])
     roc(curves, files[1], "ROC, final test (and validation)")
     test = metrics["test"]
-    confusion({"test, argmax (t=0.5)": test["argmax"]["confusion_matrix"],
-               f"test, decision t={test['decision']['threshold']:.3f}":
-                   test["decision"]["confusion_matrix"]}, files[2])
+    matrices = {"test, argmax (t=0.5)": test["argmax"]["confusion_matrix"],
+                f"test, decision t={test['decision']['threshold']:.3f}": test["decision"]["confusion_matrix"]}
+    phase1 = metrics.get("phase1")
+    if phase1 and phase1["checkpoint"] != metrics["checkpoint"]:
+        matrices["phase 1 test, argmax (t=0.5)"] = phase1["test"]["argmax"]["confusion_matrix"]
+    confusion(matrices, files[2])
     error_grid(errors, files[3])
     return [f for f in files if f.is_file()]

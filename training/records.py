@@ -34,8 +34,10 @@ class Record:
     original_label: str
     label: Label
     group: str
-    """Patient or study: never on both sides of a split."""
+    """Patient (or, where the data has no patients, study or image): never on both sides of
+    a split."""
     fold: int = -1
+    study: str = ""
 
 
 @dataclass(frozen=True)

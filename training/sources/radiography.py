@@ -40,4 +40,7 @@ def scan(root: Path) -> SourceScan:
             if path.suffix.lower() in SUFFIXES:
                 image_id = f"{SOURCE}:{path.stem}"
                 records.append(Record(image_id, str(path), SOURCE, folder, label, group=image_id))
+    notes.append("no patient identifiers in this database: each image is its own group, so two "
+                 "images of one patient can fall on both sides of a split (near-duplicate "
+                 "detection catches copies of one image, not other images of the same patient)")
     return SourceScan(SOURCE, records, [], notes)
