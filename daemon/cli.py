@@ -43,10 +43,10 @@ def _parser() -> argparse.ArgumentParser:
     target = requeue.add_mutually_exclusive_group(required=True)
     target.add_argument("study_uid", nargs="?")
     target.add_argument("--failed", action="store_true", help="every failed job")
-    dl = sub.add_parser("deliveries", help="pending and failed SR deliveries")
+    dl = sub.add_parser("deliveries", help="pending and failed deliveries (SR and HL7)")
     dl.add_argument("--all", action="store_true", help="include delivered ones")
     dl.add_argument("--json", action="store_true")
-    resend = sub.add_parser("resend", help="send a study's latest SR again")
+    resend = sub.add_parser("resend", help="send a study's latest result (SR and HL7) again")
     resend.add_argument("study_uid")
     check = sub.add_parser("check-config", help="validate a config file and print the result")
     check.add_argument("path", nargs="?", help="file to check (default: as --config)")
@@ -174,8 +174,8 @@ def _queue_command(args: argparse.Namespace, config: Config) -> int:
             if args.command == "resend":
                 count = deliveries.resend(session, args.study_uid, now, actor)
                 ops_cli.record_command(session, "resend", args.study_uid, {"deliveries": count})
-                emit(f"re-queued {count} delivery(ies) of the latest SR" if count
-                      else "no SR recorded for that study")
+                emit(f"re-queued {count} delivery(ies) of the latest result" if count
+                      else "no result recorded for that study")
                 return EXIT_OK if count else EXIT_ERROR
         states = tuple(DeliveryState) if args.all else (DeliveryState.PENDING,
                                                          DeliveryState.FAILED)
@@ -184,16 +184,17 @@ def _queue_command(args: argparse.Namespace, config: Config) -> int:
     finally:
         engine.dispose()
     if args.json:
-        emit(json.dumps([{"study_uid": r.study_uid, "destination": r.destination,
+        emit(json.dumps([{"study_uid": r.study_uid, "kind": r.kind.value,
+                           "destination": r.destination, "message_control_id": r.message_control_id,
                            "state": r.state.value, "attempts": r.attempts,
                            "last_reason": r.last_reason, "sr": r.sr_sop_instance_uid,
                            "next_attempt_at": r.next_attempt_at.isoformat()} for r in rows],
                          indent=2))
         return EXIT_OK
-    emit(f"{'STUDY UID':<64} {'DESTINATION':<12} {'STATE':<10} {'TRIES':>5} LAST REASON")
+    emit(f"{'STUDY UID':<64} {'KIND':<4} {'DESTINATION':<12} {'STATE':<10} {'TRIES':>5} LAST REASON")
     for r in rows:
-        emit(f"{r.study_uid:<64} {r.destination:<12} {r.state.value:<10} {r.attempts:>5} "
-              f"{r.last_reason or '-'}")
+        emit(f"{r.study_uid:<64} {r.kind.value:<4} {r.destination:<12} {r.state.value:<10} "
+              f"{r.attempts:>5} {r.last_reason or '-'}")
     return EXIT_OK
 
 

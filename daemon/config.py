@@ -172,6 +172,32 @@ class DestinationConfig:
     tls: TLSConfig = TLSConfig(require_client_certificate=False)
 
 
+HL7_VERSIONS = ("2.5", "2.5.1", "2.6", "2.7")
+"""HL7 v2 versions an ORU^R01 is built in (tests build one in each): those hl7apy knows with
+the CWE data type and ORC directly in the order observation group (2.8 moves it)."""
+
+
+@dataclass(frozen=True)
+class HL7DestinationConfig:
+    """A RIS (or interface engine) that takes HL7 v2 ORU^R01 results over MLLP."""
+
+    name: str = ""
+    host: str = ""
+    port: int = 2575
+    sending_application: str = "OPACITYD"
+    """MSH-3; with the facilities below, as the RIS's interface was set up."""
+    sending_facility: str = ""
+    """MSH-4."""
+    receiving_application: str = ""
+    """MSH-5."""
+    receiving_facility: str = ""
+    """MSH-6."""
+    version: str = "2.5.1"
+    """MSH-12: one of HL7_VERSIONS."""
+    enabled: bool = True
+    tls: TLSConfig = TLSConfig(require_client_certificate=False)
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     bundle: str = ""
@@ -226,6 +252,7 @@ class Config:
     worker: WorkerConfig = WorkerConfig()
     delivery: DeliveryConfig = DeliveryConfig()
     destinations: tuple[DestinationConfig, ...] = ()
+    hl7_destinations: tuple[HL7DestinationConfig, ...] = ()
     worklist: WorklistConfig = WorklistConfig()
     http: HTTPConfig = HTTPConfig()
     retention: RetentionConfig = RetentionConfig()
@@ -430,6 +457,7 @@ def _check_semantics(config: Config) -> None:
         for field_name in ("called_ae", "calling_ae"):
             value = getattr(dest, field_name)
             _require(valid_ae_title(value), f"{key}.{field_name}", value, "a DICOM AE title")
+    _check_hl7_destinations(config.hl7_destinations)
     s = config.scheduler
     _require(s.study_quiet_period_s > 0, "scheduler.study_quiet_period_s",
              s.study_quiet_period_s, "a number of seconds > 0")
@@ -459,6 +487,32 @@ def _check_semantics(config: Config) -> None:
     url = config.database.url
     _require(url == "" or "://" in url, "database.url", url,
              "empty (SQLite in the state folder) or an SQLAlchemy URL such as postgresql://...")
+
+
+_HL7_DELIMITERS = frozenset("|^~\\&\r\n")
+
+
+def _check_hl7_destinations(destinations: tuple[HL7DestinationConfig, ...]) -> None:
+    names = [dest.name for dest in destinations]
+    for i, dest in enumerate(destinations):
+        key = f"hl7_destinations[{i}]"
+        _require(bool(dest.name) and names.count(dest.name) == 1, f"{key}.name", dest.name,
+                 "a unique, non-empty name")
+        _require(bool(dest.host), f"{key}.host", dest.host, "a host name or address")
+        _require(1 <= dest.port <= 65535, f"{key}.port", dest.port, "an integer from 1 to 65535")
+        _require(dest.version in HL7_VERSIONS, f"{key}.version", dest.version,
+                 f"one of {', '.join(HL7_VERSIONS)}")
+        for field_name in ("sending_application", "sending_facility", "receiving_application",
+                           "receiving_facility"):
+            value = getattr(dest, field_name)
+            _require(len(value) <= 180 and all(32 <= ord(c) < 127 for c in value)
+                     and not _HL7_DELIMITERS & set(value), f"{key}.{field_name}", value,
+                     "printable ASCII without the HL7 delimiters | ^ ~ \\ &")
+        _require(bool(dest.sending_application), f"{key}.sending_application",
+                 dest.sending_application, "a non-empty application name (MSH-3)")
+        if dest.tls.certificate:
+            _require(Path(dest.tls.certificate).is_file(), f"{key}.tls.certificate",
+                     dest.tls.certificate, "the path of an existing PEM file")
 
 
 def _is_uid(value: str) -> bool:

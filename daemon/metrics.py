@@ -25,7 +25,7 @@ from daemon.disk import DiskGuard
 from db import queue
 from db.engine import read_only
 from db.models import Delivery, Result, Study
-from db.states import DeliveryState
+from db.states import DeliveryKind, DeliveryState
 from model.manifest import Manifest
 
 LATENCY_BUCKETS = (1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800, 3600, float("inf"))
@@ -39,8 +39,9 @@ class _DatabaseCollector(Collector):
     def collect(self) -> Iterator[GaugeMetricFamily]:
         with read_only(self.sessions) as session:
             counts = queue.state_counts(session)
-            deliveries = dict(session.execute(sa.select(Delivery.state, sa.func.count())
-                                              .group_by(Delivery.state)).all())
+            deliveries = {(kind, state): count for kind, state, count in session.execute(
+                sa.select(Delivery.kind, Delivery.state, sa.func.count())
+                .group_by(Delivery.kind, Delivery.state)).all()}
             priorities = dict(session.execute(sa.select(Result.priority, sa.func.count())
                                               .group_by(Result.priority)).all())
         for name, doc in (("studies", "Studies per state"), ("jobs", "Scoring jobs per state")):
@@ -48,9 +49,11 @@ class _DatabaseCollector(Collector):
             for state, value in counts[name].items():
                 family.add_metric([state], value)
             yield family
-        family = GaugeMetricFamily("opacityd_deliveries", "SR deliveries per state", labels=["state"])
-        for state in DeliveryState:
-            family.add_metric([state.value], int(deliveries.get(state, 0)))
+        family = GaugeMetricFamily("opacityd_deliveries",
+                                   "Deliveries per kind (sr, hl7) and state", labels=["kind", "state"])
+        for kind in DeliveryKind:
+            for state in DeliveryState:
+                family.add_metric([kind.value, state.value], int(deliveries.get((kind, state), 0)))
         yield family
         family = GaugeMetricFamily("opacityd_results", "Results recorded per priority", labels=["priority"])
         for priority, value in sorted(priorities.items()):
@@ -92,7 +95,8 @@ class Metrics:
         self.inference = Histogram("opacityd_inference_seconds", "Network time per scored study",
                                    buckets=INFERENCE_BUCKETS, registry=self.registry)
         self.latency = Histogram("opacityd_receive_to_delivered_seconds",
-                                 "Last instance received to SR delivered, per delivery",
+                                 "Last instance received to SR delivered (kind sr) or HL7 result "
+                                 "acknowledged (kind hl7), per delivery", ["kind"],
                                  buckets=LATENCY_BUCKETS, registry=self.registry)
         self.free = Gauge("opacityd_spool_free_bytes", "Free bytes in the spool's file system",
                           registry=self.registry)
@@ -115,14 +119,15 @@ class Metrics:
                 self._last_result = result_id
                 if seconds is not None:
                     self.inference.observe(seconds)
-            for delivered_at, received_at in session.execute(
-                    sa.select(Delivery.delivered_at, Study.last_received_at)
+            for delivered_at, received_at, kind in session.execute(
+                    sa.select(Delivery.delivered_at, Study.last_received_at, Delivery.kind)
                     .join(Result, Result.id == Delivery.result_id).join(Study, Study.id == Result.study_id)
                     .where(Delivery.delivered_at > self._last_delivered).order_by(Delivery.delivered_at)):
                 if delivered_at is None:
                     continue
                 self._last_delivered = delivered_at
-                self.latency.observe(max(0.0, (delivered_at - received_at).total_seconds()))
+                self.latency.labels(kind.value).observe(
+                    max(0.0, (delivered_at - received_at).total_seconds()))
 
     def render(self) -> bytes:
         """The exposition text; brings the histograms and disk gauge up to date first."""

@@ -90,7 +90,9 @@ def run_audit(args: argparse.Namespace, config: Config, sessions: sessionmaker[S
         emit(f"result {r['id']}: {r['priority']} p={r['probability']} by {r['model']} "
              f"thresholds {r['thresholds']}")
     for d in history["deliveries"]:
-        emit(f"delivery to {d['destination']}: {d['state']} after {d['attempts']} attempt(s)")
+        control = f" (message {d['message_control_id']})" if d["message_control_id"] else ""
+        emit(f"{d['kind']} delivery to {d['destination']}{control}: {d['state']} after "
+             f"{d['attempts']} attempt(s)")
     emit(f"{'WHEN (UTC)':<25} {'ACTION':<22} {'ACTOR':<24} DETAIL")
     for event in history["audit"]:
         detail = json.dumps(event["detail"], sort_keys=True) if event["detail"] else ""

@@ -1,7 +1,10 @@
-"""Deliver SRs to the configured destinations with C-STORE; each outcome is retried or final.
+"""Deliver each result's objects: the SR by C-STORE to ``[[destinations]]``, the HL7 ORU^R01 by
+MLLP to ``[[hl7_destinations]]``; each outcome is retried or final.
 
 Runs as a scheduler job in `opacityd serve`. Every attempt ends in one
 :class:`Outcome` whose reason (:class:`DeliveryReason`) says what happened.
+Deliveries are claimed under a lease (:mod:`db.deliveries`), so several `serve`
+processes on one database never send the same delivery at once.
 
 Retried with ``config.delivery.retry`` (transient; after the last attempt the
 delivery becomes FAILED with an alert):
@@ -31,6 +34,14 @@ an alert-level event:
   result names.
 - ``destination_not_configured``: the destination is no longer an enabled one.
 
+HL7 (docs/conformance.md, section 6): ``unreachable`` and ``tls_failed`` as above;
+``no_ack`` (no acknowledgement within ``delivery.timeout_s``), ``connection_lost``
+(closed before a complete acknowledgement) and ``ack_unreadable`` (an answer that is
+no HL7 acknowledgement, or acknowledges another message) are retried.
+``ack_error`` (AE) and ``ack_rejected`` (AR) are final, their text kept on the row;
+``no_accession_number`` and ``message_not_built`` are final too. Logs carry the
+acknowledgement code and the message control ID, never the message or the RIS's text.
+
 The detail of a C-STORE answer is its status and Error Comment; it is kept on
 the delivery row, and logs carry only the status (an Error Comment is the
 PACS's free text and may quote header values). After a fix, ``opacityd resend
@@ -48,7 +59,7 @@ import ssl
 import struct
 import traceback
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pydicom
 import structlog
@@ -60,17 +71,36 @@ from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, code_to_category
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from daemon.config import Config, DestinationConfig
+from daemon.config import Config, DeliveryConfig, DestinationConfig, HL7DestinationConfig
 from daemon.report import COMPREHENSIVE_SR
+from daemon.results import hl7, mllp
+from daemon.results.exceptions import (
+    AckUnreadable,
+    ConnectionClosed,
+    FramingError,
+    MessageNotBuilt,
+    NoAcknowledgement,
+)
 from daemon.spool import Spool
 from db import deliveries
-from db.engine import unit_of_work
-from db.states import DeliveryState
+from db.engine import read_only, unit_of_work
+from db.states import DeliveryKind, DeliveryState
 
 log = structlog.get_logger("opacityd.sender")
 
 PROBE_TIMEOUT_S = 5.0
 """Longest wait of the bare connection that names why an association failed."""
+
+ATTEMPT_LEASE_TIMEOUTS = 4
+"""A claimed delivery is held for this many ``delivery.timeout_s`` (plus the probe) per
+attempt: longer than one attempt can take (association, store, the probe that names why it
+failed), so another sender never takes a delivery that is being sent; short enough that one
+a crashed sender held is due again within minutes."""
+
+
+def claim_lease(delivery: DeliveryConfig) -> timedelta:
+    """How long a claim (and each attempt) keeps a delivery from other senders."""
+    return timedelta(seconds=ATTEMPT_LEASE_TIMEOUTS * delivery.timeout_s + PROBE_TIMEOUT_S)
 
 
 class DeliveryReason(enum.StrEnum):
@@ -91,6 +121,12 @@ class DeliveryReason(enum.StrEnum):
     FAILURE_STATUS = "failure_status"
     SR_UNREADABLE = "sr_unreadable"
     DESTINATION_NOT_CONFIGURED = "destination_not_configured"
+    NO_ACK = "no_ack"
+    ACK_UNREADABLE = "ack_unreadable"
+    ACK_ERROR = "ack_error"
+    ACK_REJECTED = "ack_rejected"
+    NO_ACCESSION_NUMBER = "no_accession_number"
+    MESSAGE_NOT_BUILT = "message_not_built"
 
 
 @dataclass(frozen=True)
@@ -103,10 +139,15 @@ class Outcome:
     detail: str
     transient: bool = False
     status: int | None = None
+    public: str | None = None
+    """What logs may say when the detail quotes the peer's free text (an HL7 error text)."""
 
     @property
     def log_detail(self) -> str:
-        """The detail without the PACS's Error Comment (free text that may quote header values)."""
+        """The detail without the PACS's Error Comment or the RIS's error text (free text that
+        may quote header values)."""
+        if self.public is not None:
+            return self.public
         return self.detail if self.status is None else f"status 0x{self.status:04X}"
 
 
@@ -130,7 +171,7 @@ def classify_status(code: int, comment: str = "") -> Outcome:
     return Outcome(False, reason, detail, status=code)
 
 
-def _tls(dest: DestinationConfig) -> tuple[ssl.SSLContext, str] | None:
+def _tls(dest: DestinationConfig | HL7DestinationConfig) -> tuple[ssl.SSLContext, str] | None:
     if not dest.tls.enabled:
         return None
     ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH,
@@ -140,7 +181,8 @@ def _tls(dest: DestinationConfig) -> tuple[ssl.SSLContext, str] | None:
     return ctx, dest.host
 
 
-def _tls_problem(dest: DestinationConfig, ctx: ssl.SSLContext, timeout: float) -> str | None:
+def _tls_problem(dest: DestinationConfig | HL7DestinationConfig, ctx: ssl.SSLContext,
+                 timeout: float) -> str | None:
     """Why a TLS connection to ``dest`` fails, or None when TLS itself works.
 
     pynetdicom logs a failed handshake and reports only "not established"; an operator needs
@@ -171,7 +213,7 @@ def _tls_problem(dest: DestinationConfig, ctx: ssl.SSLContext, timeout: float) -
     return None
 
 
-def _unreachable(dest: DestinationConfig, timeout: float) -> Outcome:
+def _unreachable(dest: DestinationConfig | HL7DestinationConfig, timeout: float) -> Outcome:
     """No association and no answer: one bare connection says whether the port refused, the
     host did not answer, or it answered TCP but not the A-ASSOCIATE-RQ in time."""
     where = f"{dest.host}:{dest.port}"
@@ -272,8 +314,14 @@ def read_sr(spool: Spool, item: deliveries.DueDelivery) -> pydicom.Dataset | Out
     return sr
 
 
-def attempt(config: Config, spool: Spool, item: deliveries.DueDelivery) -> Outcome:
-    """One attempt of one delivery: its destination, its SR file, the C-STORE."""
+def attempt(config: Config, spool: Spool, item: deliveries.DueDelivery,
+            sessions: sessionmaker[Session] | None = None) -> Outcome:
+    """One attempt of one delivery: its destination, its SR file, the C-STORE; or for an HL7
+    delivery (``sessions`` needed), its message, the MLLP exchange."""
+    if item.kind is DeliveryKind.HL7:
+        if sessions is None:
+            raise ValueError("an HL7 delivery is attempted with the database sessions")
+        return attempt_hl7(config, sessions, item)
     dest = next((d for d in config.destinations if d.name == item.destination), None)
     if dest is None or not dest.enabled:
         return Outcome(False, DeliveryReason.DESTINATION_NOT_CONFIGURED,
@@ -284,50 +332,131 @@ def attempt(config: Config, spool: Spool, item: deliveries.DueDelivery) -> Outco
     return send_one(dest, sr, config.delivery.timeout_s)
 
 
+def attempt_hl7(config: Config, sessions: sessionmaker[Session],
+                item: deliveries.DueDelivery) -> Outcome:
+    """One attempt of one HL7 delivery: build the ORU^R01, send it, read the acknowledgement."""
+    dest = next((d for d in config.hl7_destinations if d.name == item.destination), None)
+    if dest is None or not dest.enabled:
+        return Outcome(False, DeliveryReason.DESTINATION_NOT_CONFIGURED,
+                       f"{item.destination} is not an enabled HL7 destination")
+    with read_only(sessions) as session:
+        content = deliveries.result_message(session, item.delivery_id)
+    if not (content.accession_number or "").strip():
+        return Outcome(False, DeliveryReason.NO_ACCESSION_NUMBER,
+                       "the study has no accession number: the RIS could not match the result")
+    try:
+        payload = hl7.encode(hl7.build_oru(content, dest, datetime.now(UTC)))
+    except MessageNotBuilt as e:
+        return Outcome(False, DeliveryReason.MESSAGE_NOT_BUILT, str(e))
+    return send_hl7(dest, payload, content.message_control_id, config.delivery.timeout_s)
+
+
+def send_hl7(dest: HL7DestinationConfig, payload: bytes, control_id: str,
+             timeout: float) -> Outcome:
+    """One MLLP exchange of ``payload`` with ``dest``, classified by its acknowledgement;
+    never raises for network trouble or for any answer of the destination."""
+    where = f"{dest.host}:{dest.port}"
+    tls = _tls(dest)
+    try:
+        body = mllp.exchange(dest.host, dest.port, payload, timeout, tls[0] if tls else None)
+    except NoAcknowledgement as e:
+        return Outcome(False, DeliveryReason.NO_ACK, f"{where}: {e}", transient=True)
+    except (ConnectionClosed, FramingError) as e:
+        reason = (DeliveryReason.CONNECTION_LOST if isinstance(e, ConnectionClosed)
+                  else DeliveryReason.ACK_UNREADABLE)
+        return Outcome(False, reason, f"{where}: {e}", transient=True)
+    except ssl.SSLError as e:
+        return Outcome(False, DeliveryReason.TLS_FAILED,
+                       f"TLS handshake with {where} failed: {e.reason or type(e).__name__}",
+                       transient=True)
+    except OSError:
+        return _unreachable(dest, timeout)
+    try:
+        ack = hl7.parse_ack(body)
+    except AckUnreadable as e:
+        return Outcome(False, DeliveryReason.ACK_UNREADABLE, f"{where}: {e}", transient=True)
+    if ack.control_id != control_id:
+        return Outcome(False, DeliveryReason.ACK_UNREADABLE,
+                       f"{where} acknowledged message {ack.control_id!r}, not {control_id!r}",
+                       transient=True)
+    if ack.accepted:
+        return Outcome(True, DeliveryReason.DELIVERED, f"{ack.code} {ack.text}".strip(),
+                       public=ack.code)
+    reason = DeliveryReason.ACK_REJECTED if ack.rejected else DeliveryReason.ACK_ERROR
+    return Outcome(False, reason, f"{ack.code} {ack.text}".strip(), public=ack.code)
+
+
 _DESTINATION_DOWN = frozenset({DeliveryReason.UNREACHABLE, DeliveryReason.TLS_FAILED,
-                               DeliveryReason.ASSOCIATION_REJECTED_TRANSIENT})
+                               DeliveryReason.ASSOCIATION_REJECTED_TRANSIENT,
+                               DeliveryReason.NO_ACK})
 """Outcomes that say nothing about the SR but that the destination cannot take one now."""
 
 
 def send_due(config: Config, sessions: sessionmaker[Session], spool: Spool) -> int:
-    """Attempt every due delivery once; returns how many were delivered.
+    """Claim the due deliveries and attempt each once; returns how many were delivered.
 
     Each delivery has its own fault boundary: whatever goes wrong with one (its SR file, its
-    destination, a bug) is logged and recorded on that delivery, and the loop goes on. Once a
-    destination is down in this pass, its other deliveries wait for the next pass instead of
-    each waiting out the timeout."""
+    message, its destination, a bug) is logged and recorded on that delivery, and the loop goes
+    on. Once a destination is down in this pass, its other deliveries are given back for the
+    next pass instead of each waiting out the timeout. Shadow mode sends nothing."""
     if not config.delivery.enabled:
         return 0
+    lease = claim_lease(config.delivery)
     try:
         with unit_of_work(sessions) as session:
-            due = deliveries.due(session, datetime.now(UTC))
+            due = deliveries.due(session, datetime.now(UTC), lease=lease)
     except SQLAlchemyError as e:
         log.warning("delivery_poll_failed", error=_describe(e))
         return 0
     sent = 0
-    down: set[str] = set()
+    down: set[tuple[DeliveryKind, str]] = set()
+    deferred: list[deliveries.DueDelivery] = []
     for item in due:
         with structlog.contextvars.bound_contextvars(study_uid=item.study_uid,
                                                      destination=item.destination,
+                                                     kind=item.kind.value,
                                                      delivery_id=item.delivery_id):
-            if item.destination in down:
+            if (item.kind, item.destination) in down:
                 log.info("delivery_deferred", reason="destination_down_in_this_pass")
+                deferred.append(item)
                 continue
-            try:
-                outcome = attempt(config, spool, item)
-            except Exception as e:  # noqa: BLE001 - this delivery's boundary: record it, go on
-                log.error("delivery_attempt_crashed", error=_describe(e), exception=_frames(e))
-                outcome = Outcome(False, DeliveryReason.INTERNAL_ERROR,
-                                  f"unexpected error in the attempt ({_describe(e)})",
-                                  transient=True)
-            if outcome.reason in _DESTINATION_DOWN:
-                down.add(item.destination)
-            try:
-                sent += _record(config, sessions, item, outcome)
-            except Exception as e:  # noqa: BLE001 - not recorded: the delivery stays due, tried again
-                log.error("delivery_not_recorded", reason=outcome.reason.value, error=_describe(e),
-                          exception=_frames(e))
+            sent += _attempt_claimed(config, sessions, spool, item, lease, down)
+    if deferred:
+        try:
+            with unit_of_work(sessions) as session:
+                deliveries.release(session, deferred, datetime.now(UTC))
+        except SQLAlchemyError as e:  # they become due when their claim lapses
+            log.warning("delivery_release_failed", error=_describe(e), deliveries=len(deferred))
     return sent
+
+
+def _attempt_claimed(config: Config, sessions: sessionmaker[Session], spool: Spool,
+                     item: deliveries.DueDelivery, lease: timedelta,
+                     down: set[tuple[DeliveryKind, str]]) -> int:
+    """Renew the claim, attempt, record; returns 1 when delivered."""
+    try:
+        with unit_of_work(sessions) as session:
+            claimed = deliveries.start_attempt(session, item, datetime.now(UTC), lease)
+    except SQLAlchemyError as e:  # not attempted: due again when the claim lapses
+        log.warning("delivery_claim_failed", error=_describe(e))
+        return 0
+    if claimed is None:
+        log.info("delivery_claim_lapsed")
+        return 0
+    try:
+        outcome = attempt(config, spool, claimed, sessions)
+    except Exception as e:  # noqa: BLE001 - this delivery's boundary: record it, go on
+        log.error("delivery_attempt_crashed", error=_describe(e), exception=_frames(e))
+        outcome = Outcome(False, DeliveryReason.INTERNAL_ERROR,
+                          f"unexpected error in the attempt ({_describe(e)})", transient=True)
+    if outcome.reason in _DESTINATION_DOWN:
+        down.add((claimed.kind, claimed.destination))
+    try:
+        return _record(config, sessions, claimed, outcome)
+    except Exception as e:  # noqa: BLE001 - not recorded: due again when the claim lapses
+        log.error("delivery_not_recorded", reason=outcome.reason.value, error=_describe(e),
+                  exception=_frames(e))
+        return 0
 
 
 def _record(config: Config, sessions: sessionmaker[Session], item: deliveries.DueDelivery,
@@ -345,17 +474,21 @@ def _record(config: Config, sessions: sessionmaker[Session], item: deliveries.Du
         else:
             state = deliveries.mark_failed_attempt(session, item.delivery_id, now, outcome.reason,
                                                    outcome.detail, retry_in)
+    # What was sent: the SR's UID, or the HL7 message's control ID (never the message itself).
+    sent_object = ({"message_control_id": item.message_control_id}
+                   if item.kind is DeliveryKind.HL7 else {"sr": item.sr_sop_instance_uid})
     if state is DeliveryState.DELIVERED:
-        log.info("sr_delivered", sr=item.sr_sop_instance_uid, attempt=attempt_no,
-                 detail=outcome.log_detail,
+        log.info("hl7_delivered" if item.kind is DeliveryKind.HL7 else "sr_delivered",
+                 **sent_object, attempt=attempt_no, detail=outcome.log_detail,
                  seconds_since_received=round((now - item.received_at).total_seconds(), 2))
         return 1
     if state is DeliveryState.FAILED:
-        log.critical("delivery_failed_alert", sr=item.sr_sop_instance_uid,
+        log.critical("delivery_failed_alert", **sent_object,
                      reason=outcome.reason.value, detail=outcome.log_detail, attempts=attempt_no,
                      final="permanent" if not outcome.transient else "attempts_exhausted")
     else:
-        log.warning("delivery_retry", reason=outcome.reason.value, detail=outcome.log_detail,
+        log.warning("delivery_retry", **sent_object, reason=outcome.reason.value,
+                    detail=outcome.log_detail,
                     attempt=attempt_no, retry_in_s=round(retry_in.total_seconds(), 1)
                     if retry_in is not None else None)
     return 0

@@ -223,6 +223,8 @@ class Worker:
         self.pool = ThreadPoolExecutor(config.worker.threads, thread_name_prefix="preprocess")
         enabled = [d.name for d in config.destinations if d.enabled]
         self.destinations = enabled if config.delivery.enabled else []
+        hl7 = [d.name for d in config.hl7_destinations if d.enabled]
+        self.hl7_destinations = hl7 if config.delivery.enabled else []
 
     def run(self, stop: threading.Event) -> None:
         log.info("worker_started", owner=self.owner, model=self.manifest.label,
@@ -419,7 +421,8 @@ class Worker:
                     "header": repairs},
         )
         with unit_of_work(self.sessions) as session:
-            recorded = jobs.finish_job(session, job, self.owner, record, self.destinations, utcnow())
+            recorded = jobs.finish_job(session, job, self.owner, record, self.destinations, utcnow(),
+                                       self.hl7_destinations)
         if recorded is None:
             log.warning("job_lost_lease", owner=self.owner)
             return None

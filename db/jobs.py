@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import enum
 import json
+import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, cast
@@ -22,7 +24,7 @@ from sqlalchemy.orm import Session
 from db.engine import for_claim, locks_rows
 from db.models import Delivery, Instance, Job, Result, Study
 from db.queue import audit, set_job_state
-from db.states import AuditAction, DeliveryState, JobState
+from db.states import AuditAction, DeliveryKind, DeliveryState, JobState
 
 
 class FailureReason(enum.StrEnum):
@@ -33,7 +35,11 @@ class FailureReason(enum.StrEnum):
     DATABASE_ERROR = "database_error"
     """Another database error while reading inputs or recording (transient)."""
     SPOOL_UNREADABLE = "spool_unreadable"
-    """An acknowledged spool file is gone or is no DICOM file any more (permanent)."""
+    """An acknowledged spool file is no DICOM file any more (permanent)."""
+    SPOOL_FILE_MISSING = "spool_file_missing"
+    """An acknowledged spool file is gone while the spool is mounted (permanent)."""
+    SPOOL_NOT_MOUNTED = "spool_not_mounted"
+    """The spool is not mounted on the worker's host (transient: retried)."""
     PREPROCESS_ERROR = "preprocess_error"
     """Decoding or preprocessing an image raised unexpectedly (permanent)."""
     NO_INPUT = "no_input"
@@ -242,8 +248,13 @@ def _own_running_job(session: Session, job_id: int, owner: str) -> Job | None:
 
 
 def finish_job(session: Session, claimed: ClaimedJob, owner: str, record: ResultRecord,
-               destinations: list[str], now: datetime) -> bool | None:
+               destinations: list[str], now: datetime,
+               hl7_destinations: Sequence[str] = ()) -> bool | None:
     """Record the result and one pending delivery per destination; the job becomes DONE.
+
+    ``destinations`` get the SR (kind ``sr``); ``hl7_destinations`` an ORU^R01 (kind ``hl7``)
+    with a new message control ID each, unless the study has no accession number: then none,
+    and an audit row ``delivery_skipped`` (reason ``no_accession_number``) per destination.
 
     Returns True when a new result was recorded, False when an identical SR
     (same SOP Instance UID: same instances, same model) already exists, so
@@ -271,12 +282,26 @@ def finish_job(session: Session, claimed: ClaimedJob, owner: str, record: Result
     session.add(result)
     session.flush()
     for name in destinations:
-        session.add(Delivery(result_id=result.id, destination=name, state=DeliveryState.PENDING,
-                             attempts=0, next_attempt_at=now, created_at=now))
+        session.add(Delivery(result_id=result.id, destination=name, kind=DeliveryKind.SR,
+                             state=DeliveryState.PENDING, attempts=0, next_attempt_at=now,
+                             created_at=now))
+    has_accession = bool((session.scalar(sa.select(Study.accession_number).where(
+        Study.id == claimed.study_id)) or "").strip())
+    for name in hl7_destinations:
+        if not has_accession:
+            audit(session, AuditAction.DELIVERY_SKIPPED, owner, now, study_uid=claimed.study_uid,
+                  destination=name, kind=DeliveryKind.HL7.value, reason="no_accession_number")
+            continue
+        session.add(Delivery(result_id=result.id, destination=name, kind=DeliveryKind.HL7,
+                             message_control_id=new_message_control_id(),
+                             state=DeliveryState.PENDING, attempts=0, next_attempt_at=now,
+                             created_at=now))
     images = record.detail.get("images", {})
     refused = {sop: v["refused"] for sop, v in images.items() if "refused" in v}
     notes = {sop: v["notes"] for sop, v in images.items() if v.get("notes")}
     per_image: dict[str, Any] = {}
+    if hl7_destinations:
+        per_image["hl7_destinations"] = list(hl7_destinations)
     if refused:
         per_image["refused"] = refused
     if notes:
@@ -291,6 +316,12 @@ def finish_job(session: Session, claimed: ClaimedJob, owner: str, record: Result
     audit(session, AuditAction.JOB_DONE, owner, now, study_uid=claimed.study_uid,
           job_id=claimed.job_id, outcome="new_result")
     return True
+
+
+def new_message_control_id() -> str:
+    """A fresh HL7 message control ID (MSH-10, at most 20 characters): 80 random bits in hex,
+    unique in ``deliveries`` by constraint and, in practice, across installations."""
+    return secrets.token_hex(10).upper()
 
 
 def _done(job: Job, now: datetime) -> None:

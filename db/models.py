@@ -12,7 +12,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
-from db.states import AuditAction, DeliveryState, JobState, StudyState
+from db.states import AuditAction, DeliveryKind, DeliveryState, JobState, StudyState
 
 UID = sa.String(64)
 
@@ -178,17 +178,24 @@ class Result(Base):
 
 
 class Delivery(Base):
-    """One SR to one destination."""
+    """One object of a result (its SR, or its HL7 message) to one destination."""
 
     __tablename__ = "deliveries"
     __table_args__ = (
-        sa.UniqueConstraint("result_id", "destination"),
+        sa.UniqueConstraint("result_id", "destination", "kind"),
         sa.Index("ix_deliveries_state_next_attempt_at", "state", "next_attempt_at"),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
     result_id: Mapped[int] = mapped_column(sa.ForeignKey("results.id"), index=True)
     destination: Mapped[str] = mapped_column(sa.String(64))
+    """The ``name`` of a ``[[destinations]]`` (kind ``sr``) or ``[[hl7_destinations]]``
+    (kind ``hl7``) entry."""
+    kind: Mapped[DeliveryKind] = mapped_column(_enum(DeliveryKind), default=DeliveryKind.SR,
+                                               server_default=DeliveryKind.SR.value)
+    message_control_id: Mapped[str | None] = mapped_column(sa.String(20), unique=True)
+    """MSH-10 of the HL7 message (kind ``hl7``; NULL for an SR): set when the row is made and
+    kept on every attempt and resend, so the RIS can recognise a retransmission."""
     state: Mapped[DeliveryState] = mapped_column(_enum(DeliveryState), index=True)
     attempts: Mapped[int] = mapped_column(default=0)
     next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)

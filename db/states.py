@@ -37,6 +37,15 @@ class DeliveryState(enum.StrEnum):
     """Gave up after the configured number of attempts; `opacityd resend` re-queues it."""
 
 
+class DeliveryKind(enum.StrEnum):
+    """What a delivery carries (``deliveries.kind``): one row per result, destination and kind."""
+
+    SR = "sr"
+    """The DICOM SR, by C-STORE to a ``[[destinations]]`` entry."""
+    HL7 = "hl7"
+    """An HL7 v2 ORU^R01 over MLLP to an ``[[hl7_destinations]]`` entry."""
+
+
 class AuditAction(enum.StrEnum):
     INSTANCE_RECEIVED = "instance_received"
     INSTANCE_DUPLICATE = "instance_duplicate"
@@ -59,6 +68,9 @@ class AuditAction(enum.StrEnum):
     DELIVERY_RETRY = "delivery_retry"
     DELIVERY_FAILED = "delivery_failed"
     DELIVERY_REQUEUED = "delivery_requeued"
+    DELIVERY_SKIPPED = "delivery_skipped"
+    """A result that gets no delivery of one kind to a destination (detail: the kind, the
+    destination and the reason, e.g. ``no_accession_number`` for an HL7 result)."""
     STUDY_PURGED = "study_purged"
     """Retention deleted spooled files of the study (detail: how many, why)."""
     OPERATOR_COMMAND = "operator_command"

@@ -117,8 +117,8 @@ def _iso(value: datetime | None) -> str | None:
 
 
 def study_history(session: Session, study: Study, show_identifiers: bool) -> dict[str, Any]:
-    """Everything known about one study, no patient data: instances, jobs, results, deliveries,
-    and the audit trail in time order."""
+    """Everything known about one study, no patient data: instances, jobs, results, deliveries
+    (SR and HL7), and the audit trail in time order."""
     instances = session.scalars(sa.select(Instance).where(Instance.study_id == study.id)
                                 .order_by(Instance.id)).all()
     jobs = session.scalars(sa.select(Job).where(Job.study_id == study.id).order_by(Job.id)).all()
@@ -151,8 +151,11 @@ def study_history(session: Session, study: Study, show_identifiers: bool) -> dic
                      # per image: its probability, or why it was not analysable, and any notes
                      "images": json.loads(r.detail or "{}").get("images", {}),
                      "created_at": _iso(r.created_at)} for r in results],
-        "deliveries": [{"result": d.result_id, "destination": d.destination, "state": d.state.value,
-                        "attempts": d.attempts, "last_reason": d.last_reason,
+        # Every delivered object: the SR (kind sr) and HL7 results (kind hl7, with the message
+        # control ID). The last detail stays out: it may quote the peer's free text.
+        "deliveries": [{"result": d.result_id, "kind": d.kind.value, "destination": d.destination,
+                        "state": d.state.value, "attempts": d.attempts,
+                        "last_reason": d.last_reason, "message_control_id": d.message_control_id,
                         "delivered_at": _iso(d.delivered_at)} for d in deliveries],
         "audit": [{"at": _iso(e.at), "action": e.action.value, "actor": e.actor,
                    "sop_instance_uid": e.sop_instance_uid,

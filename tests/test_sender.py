@@ -26,7 +26,7 @@ from daemon.config import Config, load_config
 from daemon.report import ImageOutcome, build_sr
 from daemon.sender import DeliveryReason, classify_status, send_due
 from daemon.spool import Spool
-from db import jobs, migrate, queue
+from db import deliveries, jobs, migrate, queue
 from db.engine import create_db_engine, make_session_factory, unit_of_work
 from db.models import Delivery
 from db.states import DeliveryState
@@ -414,3 +414,48 @@ def test_status_classes() -> None:
         outcome = classify_status(code, "x")
         assert not outcome.delivered and not outcome.transient, hex(code)
         assert outcome.detail == f"status 0x{code:04X} x"
+
+
+def test_two_claims_at_the_same_time_never_return_the_same_delivery(tmp_path: Path,
+                                                                    port: int) -> None:
+    env = _env(tmp_path, port)
+    _results(env, 3)
+    now = datetime.now(UTC)
+    with unit_of_work(env.sessions) as s:
+        first = deliveries.due(s, now, limit=2)
+    with unit_of_work(env.sessions) as s:
+        second = deliveries.due(s, now, limit=2)
+    with unit_of_work(env.sessions) as s:
+        third = deliveries.due(s, now, limit=2)
+    assert len(first) == 2 and len(second) == 1 and third == []
+    assert not {d.delivery_id for d in first} & {d.delivery_id for d in second}
+
+
+def test_a_claim_of_a_crashed_sender_lapses_and_the_delivery_is_due_again(tmp_path: Path,
+                                                                          port: int) -> None:
+    env = _env(tmp_path, port)
+    _results(env, 1)
+    now = datetime.now(UTC)
+    lease = timedelta(minutes=2)
+    with unit_of_work(env.sessions) as s:
+        (crashed,) = deliveries.due(s, now, lease=lease)  # claimed, then the sender died
+    with unit_of_work(env.sessions) as s:
+        assert deliveries.due(s, now + lease - timedelta(seconds=1)) == []
+    with unit_of_work(env.sessions) as s:
+        (again,) = deliveries.due(s, now + lease, lease=lease)
+    assert again.delivery_id == crashed.delivery_id
+    # The first claim is gone: the old holder may not start an attempt on it any more.
+    with unit_of_work(env.sessions) as s:
+        assert deliveries.start_attempt(s, crashed, now + lease, lease) is None
+        assert deliveries.start_attempt(s, again, now + lease, lease) is not None
+
+
+def test_deliveries_deferred_behind_a_down_destination_are_due_at_the_next_pass(
+        tmp_path: Path, port: int) -> None:
+    env = _env(tmp_path, port)
+    _results(env, 3)
+    _send(env)
+    with unit_of_work(env.sessions) as s:
+        due_now = deliveries.due(s, datetime.now(UTC))
+    # the one attempted waits for its retry; the two deferred were given back at once
+    assert len(due_now) == 2 and all(d.attempts == 0 for d in due_now)
