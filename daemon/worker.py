@@ -55,7 +55,7 @@ from daemon.report import (
 from daemon.sanitize import Repair, sanitized
 from daemon.spool import TEMP_SUFFIX, Spool
 from db import jobs
-from db.engine import create_db_engine, make_session_factory, read_only, unit_of_work
+from db.engine import check_reachable, create_db_engine, make_session_factory, read_only, unit_of_work
 from db.jobs import FailureReason
 from model.durable import fsync_dir
 from model.errors import BundleError, PreprocessError
@@ -220,6 +220,9 @@ class Worker:
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}"
         self.lease = timedelta(seconds=config.worker.lease_s)
         self.retry = config.worker.retry
+        self.waiting: str | None = None
+        """Why the worker claims nothing now (``database``, ``spool_not_mounted``), or None."""
+        self.waits = 0
         self.pool = ThreadPoolExecutor(config.worker.threads, thread_name_prefix="preprocess")
         enabled = [d.name for d in config.destinations if d.enabled]
         self.destinations = enabled if config.delivery.enabled else []
@@ -243,12 +246,20 @@ class Worker:
                 stop.wait(delay)
                 continue
             if not claimed:
-                stop.wait(self.config.worker.poll_interval_s)
+                # Waiting on the database or the spool mount backs off; an empty queue does not.
+                stop.wait(self.retry.delay_s(self.waits) if self.waiting
+                          else self.config.worker.poll_interval_s)
         self.pool.shutdown(wait=True)
         log.info("worker_stopped", owner=self.owner)
 
     def run_once(self) -> int:
-        """Claim and process one batch of jobs; returns how many were claimed."""
+        """Claim and process one batch of jobs; returns how many were claimed.
+
+        Claims nothing while the spool is not mounted here (no :data:`daemon.spool.MARKER`) or
+        the database cannot be reached; both are logged when they begin and when they end."""
+        if not self.spool.mounted():
+            self._wait_for("spool_not_mounted", spool=str(self.spool.root))
+            return 0
         try:
             with unit_of_work(self.sessions) as session:
                 now = utcnow()
@@ -257,8 +268,11 @@ class Worker:
                                           self.config.worker.batch_size,
                                           max_attempts=self.retry.max_attempts)
         except SQLAlchemyError as e:
-            log.warning("claim_failed", error=describe(e))
+            self._wait_for("database", error=describe(e))
             return 0
+        if self.waiting is not None:
+            log.info("worker_resumed", waited_for=self.waiting, polls=self.waits)
+            self.waiting, self.waits = None, 0
         for job in abandoned:
             log.critical("job_abandoned", study_uid=job.study_uid, job_id=job.job_id,
                          attempts=job.attempts, reason=FailureReason.ABANDONED.value)
@@ -267,6 +281,15 @@ class Worker:
                               [job.job_id for job in claimed]) as renewer:
                 self._process(claimed, renewer)
         return len(claimed)
+
+    def _wait_for(self, reason: str, **detail: str) -> None:
+        """Note one poll spent waiting for ``reason``; logged at its start, then every 20th."""
+        if self.waiting != reason:
+            self.waiting, self.waits = reason, 0
+        self.waits += 1
+        if self.waits == 1 or self.waits % 20 == 0:
+            log.warning("worker_waiting", reason=reason, polls=self.waits,
+                        retry_in_s=round(self.retry.delay_s(self.waits), 2), **detail)
 
     def _process(self, claimed: list[jobs.ClaimedJob], renewer: LeaseRenewer) -> None:
         """Score one claimed batch; every job ends done, retried or failed with its reason."""
@@ -363,6 +386,14 @@ class Worker:
         manifest = self.manifest
         outcomes = [ImageOutcome(img.header, img.probability, img.refusal, img.content_hash)
                     for img in images if img.header is not None]
+        missing = [img.sop_uid for img in images if img.header is None and not img.path.exists()]
+        if missing and not self.spool.mounted():
+            # The mount went away under the job: retried, not failed, once it is back.
+            return JobFailure(FailureReason.SPOOL_NOT_MOUNTED, True,
+                              f"the spool {self.spool.root} is not mounted on this host")
+        if missing:
+            return JobFailure(FailureReason.SPOOL_FILE_MISSING, False,
+                              f"spooled instances missing: {', '.join(missing)}"[:1000])
         unreadable = [f"{img.sop_uid} ({img.refusal})" for img in images if img.header is None]
         if unreadable:
             # The spool lost an acknowledged instance: an operator must look; requeue after.
@@ -580,6 +611,7 @@ def run_worker(config: Config) -> int:
         log.error("model_bundle_unusable", error="no model bundle configured")
         return 2
     engine = create_db_engine(config.database_url, config.database.busy_timeout_ms)
+    check_reachable(engine)  # raises DatabaseUnreachable: cli.main says so and exits 2
     predictor = Predictor(Path(config.model.bundle), warm_up_batch=1)
     try:
         worker = Worker(config, make_session_factory(engine), predictor, Spool(config.spool_dir))

@@ -72,8 +72,10 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 20.0, interval: fl
 
 def write_config(folder: Path, extra: str = "", *, port: int | None = None,
                  quiet_s: float = 0.5, grace_s: float = 5.0, log_level: str = "info",
-                 bundle: Path | None = None, database_url: str = "") -> Path:
-    """A config file for one test: its own state folder, a free port, a short quiet period;
+                 bundle: Path | None = None, database_url: str = "",
+                 state_dir: Path | None = None) -> Path:
+    """A config file for one test: its own state folder (``folder/state`` unless ``state_dir``
+    names one that several processes share), a free port, a short quiet period;
     ``database_url`` empty: SQLite in the state folder."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "config.toml"
@@ -85,7 +87,7 @@ def write_config(folder: Path, extra: str = "", *, port: int | None = None,
     if database and "[database]\n" in rest:  # the test configures [database] itself
         rest, database = rest.replace("[database]\n", database, 1), ""
     path.write_text(
-        f'[paths]\nstate_dir = "{folder / "state"}"\n'
+        f'[paths]\nstate_dir = "{state_dir or folder / "state"}"\n'
         f'[receiver]\nport = {port or free_port()}\nshutdown_grace_s = {grace_s}\n{receiver_extra}\n'
         f'[scheduler]\nstudy_quiet_period_s = {quiet_s}\ncheck_interval_s = 0.1\n'
         f'[logging]\nformat = "json"\nlevel = "{log_level}"\n'

@@ -582,3 +582,49 @@ def test_a_restarted_worker_releases_the_leases_its_dead_predecessor_held_at_onc
     assert released["pid"] == gone.pid
     assert _srs_at(pacs) == {study.StudyInstanceUID: 1}
     assert worker.terminate() == 0
+
+
+def test_a_spool_file_deleted_after_acknowledgement_fails_its_study_as_missing(
+        tmp_path: Path, daemons: list[DaemonProcess], workers: list[WorkerProcess], pacs: Pacs,
+        demo_bundle: Path, db_of: Any) -> None:
+    daemon, cfg = _separate_worker(tmp_path, daemons, pacs, demo_bundle)
+    db = db_of(cfg)
+    studies = [make_dx(96, 96, seed=20 + i) for i in range(2)]
+    _store(daemon.port, tmp_path / "in", studies)
+    victim = studies[0]
+    (relative,) = db.query(sa.select(Instance.spool_path)
+                           .where(Instance.sop_instance_uid == victim.SOPInstanceUID))[0]
+    db.config.spool_dir.joinpath(relative).unlink()
+    worker = _score_as_one_batch(db, cfg, tmp_path, workers, 2)
+    state, reason, error, _ = db.jobs()[victim.StudyInstanceUID]
+    assert (state, reason) == (JobState.FAILED, "spool_file_missing")
+    assert error == f"spooled instances missing: {victim.SOPInstanceUID}"
+    assert _srs_at(pacs) == {studies[1].StudyInstanceUID: 1}
+    assert worker.terminate() == 0
+
+
+def test_a_worker_whose_spool_is_not_mounted_claims_nothing_and_scores_once_it_is(
+        tmp_path: Path, daemons: list[DaemonProcess], workers: list[WorkerProcess], pacs: Pacs,
+        demo_bundle: Path, db_of: Any) -> None:
+    """A worker host without the shared mount sees an empty folder at the spool's path (here a
+    tmpfs mounted over it): it claims nothing, says why, and scores everything once the real
+    spool is back."""
+    daemon, cfg = _separate_worker(tmp_path, daemons, pacs, demo_bundle)
+    db = db_of(cfg)
+    studies = [make_dx(96, 96, seed=30 + i) for i in range(2)]
+    _store(daemon.port, tmp_path / "in", studies)
+    wait_until(lambda: len(db.query(sa.select(Job).where(Job.state == JobState.QUEUED))) == 2,
+               timeout=30, what="2 queued jobs")
+    with mounted_tmpfs(db.config.spool_dir, "1m"):
+        worker = WorkerProcess(cfg, tmp_path / "worker.log").start()
+        workers.append(worker)
+        waiting = wait_until(lambda: _events(worker.log_path, "worker_waiting"), timeout=60,
+                             what="the worker to say it waits for the spool")
+        assert waiting[0]["reason"] == "spool_not_mounted"
+        jobs = db.query(sa.select(Job.state, Job.attempts))
+        assert jobs == [(JobState.QUEUED, 0)] * 2  # nothing claimed, no attempt spent
+    wait_until(lambda: db.settled(2), timeout=120, what="every job scored once the spool is back")
+    assert {state for state, *_ in db.jobs().values()} == {JobState.DONE}
+    (resumed,) = _events(worker.log_path, "worker_resumed")
+    assert resumed["waited_for"] == "spool_not_mounted"
+    assert worker.terminate() == 0
