@@ -187,7 +187,8 @@ def _queue_command(args: argparse.Namespace, config: Config) -> int:
         emit(json.dumps([{"study_uid": r.study_uid, "kind": r.kind.value,
                            "destination": r.destination, "message_control_id": r.message_control_id,
                            "state": r.state.value, "attempts": r.attempts,
-                           "last_reason": r.last_reason, "sr": r.sr_sop_instance_uid,
+                           "last_reason": r.last_reason, "last_detail": r.last_detail,
+                           "sr": r.sr_sop_instance_uid,
                            "next_attempt_at": r.next_attempt_at.isoformat()} for r in rows],
                          indent=2))
         return EXIT_OK

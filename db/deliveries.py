@@ -159,6 +159,8 @@ class DeliveryRow:
     sr_sop_instance_uid: str
     kind: DeliveryKind = DeliveryKind.SR
     message_control_id: str | None = None
+    last_detail: str | None = None
+    """The peer's answer (a C-STORE Error Comment, an HL7 error text): for operators only."""
 
 
 def listing(session: Session, states: tuple[DeliveryState, ...]) -> list[DeliveryRow]:
@@ -166,10 +168,11 @@ def listing(session: Session, states: tuple[DeliveryState, ...]) -> list[Deliver
     rows = session.execute(
         sa.select(Study.study_uid, Delivery.destination, Delivery.state, Delivery.attempts,
                   Delivery.last_reason, Delivery.next_attempt_at, Result.sr_sop_instance_uid,
-                  Delivery.kind, Delivery.message_control_id)
+                  Delivery.kind, Delivery.message_control_id, Delivery.last_detail)
         .join(Result, Result.id == Delivery.result_id).join(Study, Study.id == Result.study_id)
         .where(Delivery.state.in_(states)).order_by(Delivery.id)).all()
-    return [DeliveryRow(*row) for row in rows]
+    return [DeliveryRow(row[0], row[1], row[2], row[3], row[4], row[5], row[6], kind=row[7],
+                        message_control_id=row[8], last_detail=row[9]) for row in rows]
 
 
 @dataclass(frozen=True)

@@ -195,6 +195,10 @@ def test_an_application_error_fails_at_once_keeping_the_ris_text(
     _assert_private(logs, listener)
     (failed,) = env.audit(AuditAction.DELIVERY_FAILED)
     assert "ack_error" in (failed.detail or "") and "SENTINEL" not in (failed.detail or "")
+    with unit_of_work(env.sessions) as s:  # `opacityd deliveries --json` shows operators the text
+        (row,) = deliveries.listing(s, (DeliveryState.FAILED,))
+    assert (row.kind, row.last_reason, row.last_detail) == (DeliveryKind.HL7, "ack_error",
+                                                            f"AE {ERROR_TEXT}")
 
 
 def test_a_rejection_fails_at_once(tmp_path: Path, port: int,
