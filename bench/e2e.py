@@ -1,12 +1,18 @@
 """End-to-end benchmark: single-image studies in, SRs out at a DCMTK storescp PACS.
 
     python -m bench.e2e [--studies 100] [--quiet 1.0] [--bundle DIR] [--workdir bench/out/e2e]
+    python -m bench.e2e --workers 1,2,3 [--database postgres] ...
 
 Pushes each study with its own DCMTK storescu association to `opacityd serve`
 (quiet period 1 s, embedded worker, batch 8), and prints: time from
 association release to the SR landing at the PACS (p50/p95/max), studies per
 minute, and the worker's images/s as a ratio of the bare network on ready
 tensors (same bundle, batch 8, measured in this script).
+
+With ``--workers 1,2,3``, `serve` runs without its embedded worker and each pass starts that
+many `opacityd worker` processes on the same database (``--database postgres``: a throwaway
+PostgreSQL 15 cluster, as the tests start it); it prints studies/min and the latency
+percentiles per worker count, side by side.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import pydicom
 
 from tests.conftest import DCMTK_ENV, OPACITYD, STORESCP, STORESCU, free_port, write_config
 from tests.factories import make_dx
+from tests.pg import PostgresCluster
 
 
 def _progress(msg: str) -> None:
@@ -48,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quiet", type=float, default=1.0)
     p.add_argument("--bundle", type=Path)
     p.add_argument("--workdir", type=Path, default=Path("bench/out/e2e"))
+    p.add_argument("--workers", help="comma-separated counts of separate worker processes, e.g. 1,2,3")
+    p.add_argument("--database", choices=("sqlite", "postgres"), default="sqlite")
     args = p.parse_args(argv)
     workdir = args.workdir.resolve()
     bundle = args.bundle or workdir / "demo-bundle-299"
@@ -63,6 +72,9 @@ def main(argv: list[str] | None = None) -> int:
             make_dx(512, 512, seed=i).save_as(path, enforce_file_format=True)
         files.append(path)
     study_of = {pydicom.dcmread(f, stop_before_pixels=True).StudyInstanceUID: f for f in files}
+    if args.workers:
+        return compare_workers(workdir, bundle, study_of, args.quiet,
+                               [int(n) for n in args.workers.split(",")], args.database)
 
     run = workdir / f"run-{int(time.time())}"
     pacs_dir = run / "pacs"
@@ -77,24 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     log = (run / "daemon.log").open("wb")
     daemon = subprocess.Popen([OPACITYD, "--config", str(cfg), "serve"], stdout=log,
                               stderr=subprocess.STDOUT)
-    released: dict[str, float] = {}
-    arrived: dict[str, float] = {}
-    seen: set[str] = set()
     try:
         wait_for_worker(run / "daemon.log", daemon)
-        started = time.monotonic()
-        for i, (study_uid, path) in enumerate(study_of.items()):
-            subprocess.run([STORESCU, "-aec", "OPACITYD", "127.0.0.1", str(port), str(path)],
-                           env=DCMTK_ENV, check=True, capture_output=True)
-            released[study_uid] = time.monotonic()
-            collect_srs(pacs_dir, arrived, seen)
-            if (i + 1) % 20 == 0:
-                _progress(f"pushed {i + 1}/{len(study_of)}, SRs at the PACS: {len(arrived)}")
-        deadline = time.monotonic() + 600
-        while len(arrived) < len(study_of) and time.monotonic() < deadline:
-            collect_srs(pacs_dir, arrived, seen)
-            time.sleep(0.05)
-        finished = time.monotonic()
+        released, arrived, started, finished = push_and_collect(study_of, port, pacs_dir)
     finally:
         daemon.send_signal(signal.SIGTERM)
         daemon.wait(timeout=120)
@@ -121,6 +118,95 @@ def main(argv: list[str] | None = None) -> int:
     print(f"goal for p95: quiet {args.quiet} s + 2 s + one batch of 8 ({8 / bare:.2f} s) = "
           f"{args.quiet + 2 + 8 / bare:.2f} s")
     return 0 if len(arrived) == len(study_of) else 1
+
+
+def push_and_collect(study_of: dict[str, Path], port: int, pacs_dir: Path
+                     ) -> tuple[dict[str, float], dict[str, float], float, float]:
+    """Each study in its own storescu association, then wait for every SR (10 min at most);
+    returns (release times, SR arrival times, start, finish)."""
+    released: dict[str, float] = {}
+    arrived: dict[str, float] = {}
+    seen: set[str] = set()
+    started = time.monotonic()
+    for i, (study_uid, path) in enumerate(study_of.items()):
+        subprocess.run([STORESCU, "-aec", "OPACITYD", "127.0.0.1", str(port), str(path)],
+                       env=DCMTK_ENV, check=True, capture_output=True)
+        released[study_uid] = time.monotonic()
+        collect_srs(pacs_dir, arrived, seen)
+        if (i + 1) % 20 == 0:
+            _progress(f"pushed {i + 1}/{len(study_of)}, SRs at the PACS: {len(arrived)}")
+    deadline = time.monotonic() + 600
+    while len(arrived) < len(study_of) and time.monotonic() < deadline:
+        collect_srs(pacs_dir, arrived, seen)
+        time.sleep(0.05)
+    return released, arrived, started, time.monotonic()
+
+
+def worker_pass(workdir: Path, bundle: Path, study_of: dict[str, Path], quiet: float, workers: int,
+                database_url: str) -> dict[str, float]:
+    """One pass: `serve` (no embedded worker) plus ``workers`` `opacityd worker` processes."""
+    run = workdir / f"run-{int(time.time())}-w{workers}"
+    pacs_dir = run / "pacs"
+    pacs_dir.mkdir(parents=True)
+    pacs_port, port = free_port(), free_port()
+    pacs = subprocess.Popen([STORESCP, "-aet", "PACS", "-od", str(pacs_dir), str(pacs_port)],
+                            env=DCMTK_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    extra = (f'[[destinations]]\nname = "pacs"\nhost = "127.0.0.1"\nport = {pacs_port}\n'
+             'called_ae = "PACS"\n[delivery]\npoll_interval_s = 0.1\n'
+             '[worker]\nembedded = false\npoll_interval_s = 0.1\nbatch_size = 8\n')
+    cfg = write_config(run / "d", extra, port=port, quiet_s=quiet, bundle=bundle,
+                       database_url=database_url)
+    procs: list[subprocess.Popen[bytes]] = []
+    logs = [run / "serve.log", *(run / f"worker{i}.log" for i in range(workers))]
+    try:
+        for i, log_path in enumerate(logs):
+            command = "serve" if i == 0 else "worker"
+            with log_path.open("wb") as log:
+                procs.append(subprocess.Popen([OPACITYD, "--config", str(cfg), command], stdout=log,
+                                              stderr=subprocess.STDOUT))
+        for log_path, proc in zip(logs[1:], procs[1:], strict=True):
+            wait_for_worker(log_path, proc)
+        released, arrived, started, finished = push_and_collect(study_of, port, pacs_dir)
+    finally:
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            proc.wait(timeout=120)
+        pacs.terminate()
+        pacs.wait(timeout=30)
+    latencies = np.array([arrived[s] - released[s] for s in arrived if s in released])
+    return {"workers": workers, "srs": len(arrived),
+            "studies_per_min": len(arrived) / (finished - started) * 60,
+            "p50_s": float(np.percentile(latencies, 50)) if len(latencies) else float("nan"),
+            "p95_s": float(np.percentile(latencies, 95)) if len(latencies) else float("nan"),
+            "max_s": float(latencies.max()) if len(latencies) else float("nan")}
+
+
+def compare_workers(workdir: Path, bundle: Path, study_of: dict[str, Path], quiet: float,
+                    counts: list[int], database: str) -> int:
+    """A pass per worker count, side by side; returns 1 when an SR is missing."""
+    cluster = PostgresCluster().start() if database == "postgres" else None
+    passes = []
+    try:
+        for workers in counts:
+            _progress(f"pass with {workers} worker process(es) on {database} ...")
+            url = cluster.new_database() if cluster is not None else ""
+            passes.append(worker_pass(workdir, bundle, study_of, quiet, workers, url))
+    finally:
+        if cluster is not None:
+            cluster.destroy()
+    print(f"\ne2e: {len(study_of)} single-image studies (512x512 16-bit), quiet period {quiet} s, "
+          f"bundle {bundle.name}, {database}, `serve` + N `opacityd worker` processes")
+    print(f"{'workers':>7}  {'SRs':>5}  {'studies/min':>11}  {'vs 1':>5}  {'p50 s':>6}  {'p95 s':>6}  "
+          f"{'max s':>6}")
+    base = passes[0]["studies_per_min"]
+    for r in passes:
+        print(f"{r['workers']:>7}  {r['srs']:>5}  {r['studies_per_min']:>11.1f}  "
+              f"{r['studies_per_min'] / base:>5.2f}  {r['p50_s']:>6.2f}  {r['p95_s']:>6.2f}  "
+              f"{r['max_s']:>6.2f}")
+    print(json.dumps({"bench": "e2e", "database": database, "studies": len(study_of),
+                      "passes": [{k: round(v, 3) for k, v in r.items()} for r in passes]}))
+    return 0 if all(r["srs"] == len(study_of) for r in passes) else 1
 
 
 def wait_for_worker(log: Path, daemon: subprocess.Popen[bytes], timeout: float = 180) -> None:

@@ -1,17 +1,24 @@
 """Ingest benchmark: opacityd serve (durable) vs DCMTK storescp, pushed by DCMTK storescu.
 
     python -m bench.ingest [--small 200] [--large 50] [--repeat 2] [--workdir bench/out/ingest]
+    python -m bench.ingest --database postgres [--receivers 1,2,4] ...
 
 Pushes the same files (512x512 and 2500x2048 16-bit DX) over one association
 and over 4 parallel ones, to (a) `storescp` writing to disk (no fsync) and
 (b) `opacityd serve` (fsync + rename + dir fsync + one SQLite commit per
 instance). Prints instances/s, MB/s and the opacityd/storescp ratio, and
 checks that opacityd holds every acknowledged instance.
+
+With ``--database postgres`` (a throwaway PostgreSQL 15 cluster, as the tests start it), it
+runs the same pushes into opacityd on PostgreSQL and on SQLite (ratio PostgreSQL/SQLite),
+then pushes 4 parallel associations spread over 1, 2 and 4 `serve` processes sharing one
+PostgreSQL database and one spool (instances/s and the scaling factor against one process).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import shutil
@@ -23,8 +30,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import sqlalchemy as sa
+
 from tests.conftest import DCMTK_ENV, ECHOSCU, OPACITYD, STORESCP, STORESCU, free_port, write_config
 from tests.factories import write_series
+from tests.pg import PostgresCluster, available
 
 
 @dataclass
@@ -76,12 +86,15 @@ def _wait_echo(port: int, aec: str, proc: subprocess.Popen[bytes]) -> None:
     raise RuntimeError(f"{aec} receiver did not answer C-ECHO")
 
 
-def _push(port: int, aec: str, files: list[Path], associations: int) -> tuple[float, int]:
+def _push(port: int | list[int], aec: str, files: list[Path], associations: int) -> tuple[float, int]:
+    """``associations`` storescu processes at once, each with every n-th file; with several
+    ``port``s, association i goes to port i modulo their number."""
+    ports = port if isinstance(port, list) else [port]
     chunks = [files[i::associations] for i in range(associations)]
     started = time.perf_counter()
-    procs = [subprocess.Popen([STORESCU, "-v", "-aec", aec, "127.0.0.1", str(port),
+    procs = [subprocess.Popen([STORESCU, "-v", "-aec", aec, "127.0.0.1", str(ports[i % len(ports)]),
                                *map(str, chunk)], env=DCMTK_ENV, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for chunk in chunks]
+                              stderr=subprocess.STDOUT, text=True) for i, chunk in enumerate(chunks)]
     outputs = [p.communicate()[0] for p in procs]
     elapsed = time.perf_counter() - started
     acked = sum(out.count("Received Store Response (Success)") for out in outputs)
@@ -116,27 +129,103 @@ def run_null_scp(files: list[Path], associations: int, megabytes: float) -> Run:
     return _run_reference("pynetdicom-null", argv, "NULLSCP", port, files, associations, megabytes)
 
 
-def run_opacityd(workdir: Path, files: list[Path], associations: int, megabytes: float) -> Run:
-    folder = workdir / "opacityd"
-    shutil.rmtree(folder, ignore_errors=True)
-    port = free_port()
+def _demo_bundle(workdir: Path) -> Path:
     bundle = workdir / "demo-bundle"
     if not (bundle / "manifest.json").exists():
         subprocess.run([OPACITYD, "model", "init-demo", str(bundle), "--input-size", "71"], check=True,
                        capture_output=True)
-    cfg = write_config(folder, port=port, quiet_s=5.0, bundle=bundle)
-    with (folder / "daemon.log").open("wb") as log:
-        proc = subprocess.Popen([OPACITYD, "--config", str(cfg), "serve"], stdout=log,
-                                stderr=subprocess.STDOUT)
+    return bundle
+
+
+def run_opacityd(workdir: Path, files: list[Path], associations: int, megabytes: float,
+                 database_url: str = "", processes: int = 1) -> Run:
+    """``processes`` `serve` processes (embedded worker off when more than one, so that only
+    receiving is measured) sharing one state folder and the database at ``database_url``
+    (empty: SQLite in the state folder)."""
+    folder = workdir / "opacityd"
+    shutil.rmtree(folder, ignore_errors=True)
+    bundle = _demo_bundle(workdir)
+    ports = [free_port() for _ in range(processes)]
+    extra = "[worker]\nembedded = false\n" if processes > 1 else ""
+    procs: list[subprocess.Popen[bytes]] = []
     try:
-        _wait_echo(port, "OPACITYD", proc)
-        seconds, acked = _push(port, "OPACITYD", files, associations)
+        for i, port in enumerate(ports):
+            cfg = write_config(folder / f"serve{i}", extra, port=port, quiet_s=5.0, bundle=bundle,
+                               database_url=database_url, state_dir=folder / "state")
+            with (folder / f"serve{i}.log").open("wb") as log:
+                procs.append(subprocess.Popen([OPACITYD, "--config", str(cfg), "serve"], stdout=log,
+                                              stderr=subprocess.STDOUT))
+        for port, proc in zip(ports, procs, strict=True):
+            _wait_echo(port, "OPACITYD", proc)
+        seconds, acked = _push(ports, "OPACITYD", files, associations)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=60)
-    with sqlite3.connect(folder / "state" / "opacityd.sqlite3") as db:
-        held = db.execute("SELECT count(*) FROM instances WHERE spool_path IS NOT NULL").fetchone()[0]
-    return Run("opacityd", associations, seconds, len(files), megabytes, acked, held)
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            proc.wait(timeout=60)
+    held_sql = "SELECT count(*) FROM instances WHERE spool_path IS NOT NULL"
+    if database_url:
+        engine = sa.create_engine(database_url)
+        with engine.connect() as conn:
+            held = int(conn.exec_driver_sql(held_sql).scalar_one())
+        engine.dispose()
+    else:
+        with sqlite3.connect(folder / "state" / "opacityd.sqlite3") as db:
+            held = db.execute(held_sql).fetchone()[0]
+    name = "opacityd" if processes == 1 else f"opacityd x{processes}"
+    return Run(name, associations, seconds, len(files), megabytes, acked, held)
+
+
+def compare_engines(workdir: Path, files: list[Path], megabytes: float, repeat: int,
+                    receivers: list[int]) -> tuple[int, dict[str, float]]:
+    """PostgreSQL vs SQLite for one receiver, then 1..N receivers on PostgreSQL; returns
+    (instances acknowledged but not held, headline figures)."""
+    cluster = PostgresCluster().start()
+    lost = 0
+    try:
+        rows: list[tuple[int, Run, Run]] = []
+        for associations in (1, 4):
+            for i in range(repeat):
+                _progress(f"[{associations} assoc, run {i + 1}/{repeat}] opacityd on SQLite ...")
+                lite = run_opacityd(workdir, files, associations, megabytes)
+                _progress(f"[{associations} assoc, run {i + 1}/{repeat}] opacityd on PostgreSQL ...")
+                pg = run_opacityd(workdir, files, associations, megabytes, cluster.new_database())
+                rows.append((associations, lite, pg))
+        scale: list[Run] = []
+        for processes in receivers:
+            for i in range(repeat):
+                _progress(f"[{processes} receiver processes, 4 assoc, run {i + 1}/{repeat}] ...")
+                scale.append(run_opacityd(workdir, files, 4, megabytes, cluster.new_database(),
+                                          processes))
+    finally:
+        cluster.destroy()
+    print(f"\ningest on PostgreSQL 15 vs SQLite: {len(files)} files, {megabytes:.0f} MB, one `serve`")
+    print(f"{'assoc':>5}  {'SQLite f/s':>10}  {'PostgreSQL f/s':>14}  {'PG/SQLite':>9}  acked/held (PG)")
+    ratios: dict[int, list[float]] = {}
+    for associations, lite, pg in rows:
+        ratios.setdefault(associations, []).append(pg.rate / lite.rate)
+        for run in (lite, pg):
+            lost += max(0, run.acked - (run.held or 0))
+        print(f"{associations:>5}  {lite.rate:>10.1f}  {pg.rate:>14.1f}  {pg.rate / lite.rate:>9.2f}  "
+              f"{pg.acked}/{pg.held}")
+    print(f"\nreceiver processes on PostgreSQL, 4 parallel associations spread over them "
+          f"(one database, one spool, {os.cpu_count()} CPUs)")
+    print(f"{'processes':>9}  {'f/s':>7}  {'MB/s':>5}  {'vs 1 process':>12}  acked/held")
+    best: dict[int, float] = {}
+    for run in scale:
+        processes = 1 if run.receiver == "opacityd" else int(run.receiver.rsplit("x", 1)[1])
+        best[processes] = max(best.get(processes, 0.0), run.rate)
+    base = best.get(1, float("nan"))
+    for run in scale:
+        processes = 1 if run.receiver == "opacityd" else int(run.receiver.rsplit("x", 1)[1])
+        lost += max(0, run.acked - (run.held or 0))
+        print(f"{processes:>9}  {run.rate:>7.1f}  {run.mbps:>5.0f}  {run.rate / base:>12.2f}  "
+              f"{run.acked}/{run.held}")
+    headline = {"pg_vs_sqlite_1_assoc": round(max(ratios.get(1, [float("nan")])), 3),
+                "pg_vs_sqlite_4_assoc": round(max(ratios.get(4, [float("nan")])), 3),
+                **{f"receivers_{n}_fps": round(rate, 1) for n, rate in best.items()},
+                **{f"scaling_{n}_vs_1": round(rate / base, 3) for n, rate in best.items()}}
+    return lost, headline
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -145,6 +234,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--large", type=int, default=50)
     p.add_argument("--repeat", type=int, default=2)
     p.add_argument("--workdir", type=Path, default=Path("bench/out/ingest"))
+    p.add_argument("--database", choices=("sqlite", "postgres"), default="sqlite",
+                   help="postgres: compare PostgreSQL with SQLite and scale receiver processes")
+    p.add_argument("--receivers", default="1,2,4",
+                   help="receiver process counts for --database postgres (comma-separated)")
     args = p.parse_args(argv)
     for tool in (STORESCU, STORESCP, ECHOSCU):
         if not Path(tool).exists():
@@ -154,6 +247,16 @@ def main(argv: list[str] | None = None) -> int:
     files = make_files(args.workdir, args.small, args.large)
     megabytes = sum(f.stat().st_size for f in files) / 1e6
     _progress(f"{len(files)} files, {megabytes:.0f} MB; {os.cpu_count()} CPUs; {platform.platform()}")
+    if args.database == "postgres":
+        if not available():
+            print("PostgreSQL 15 missing: apt-get install postgresql", file=sys.stderr)
+            return 2
+        lost, headline = compare_engines(args.workdir, files, megabytes, args.repeat,
+                                         [int(n) for n in args.receivers.split(",")])
+        print(f"acknowledged but not held by opacityd: {lost}")
+        print(json.dumps({"bench": "ingest", "database": "postgres", "files": len(files),
+                          "lost": lost, **headline}))
+        return 1 if lost else 0
     results: list[tuple[Run, Run, Run]] = []
     for associations in (1, 4):
         for i in range(args.repeat):

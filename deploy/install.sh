@@ -70,7 +70,7 @@ fi
 
 step "installing units into $UNIT_DIR"
 install -d "$UNIT_DIR"
-for unit in opacityd.service opacityd-worker@.service; do
+for unit in opacityd.service opacityd-worker@.service opacityd-receiver@.service opacityd-gpu-worker@.service; do
     sed -e "s|/opt/opacityd/venv|$VENV|g" -e "s|/etc/opacityd|$ETC_DIR|g" \
         -e "s|/var/lib/opacityd|$STATE_DIR|g" -e "s|^User=opacityd|User=$SERVICE_USER|" \
         -e "s|^Group=opacityd|Group=$SERVICE_USER|" "$SRC/deploy/$unit" > "$UNIT_DIR/$unit"

@@ -285,11 +285,12 @@ def test_systemd_units_verify(tmp_path: Path) -> None:
     analyze = shutil.which("systemd-analyze")
     if analyze is None:
         pytest.skip("systemd-analyze is not installed (apt-get install systemd)")
-    for unit in ("opacityd.service", "opacityd-worker@.service"):
+    units = ("opacityd.service", "opacityd-worker@.service", "opacityd-receiver@.service",
+             "opacityd-gpu-worker@.service")
+    for unit in units:
         text = (REPO / "deploy" / unit).read_text().replace("/opt/opacityd/venv/bin/opacityd", OPACITYD)
         (tmp_path / unit).write_text(text)
-    proc = subprocess.run([analyze, "verify", str(tmp_path / "opacityd.service"),
-                           str(tmp_path / "opacityd-worker@.service")],
+    proc = subprocess.run([analyze, "verify", *(str(tmp_path / unit) for unit in units)],
                           capture_output=True, text=True, env={**os.environ, "SYSTEMD_LOG_LEVEL": "notice"})
     assert proc.returncode == 0, proc.stderr
     problems = [line for line in proc.stderr.splitlines() if "opacityd" in line]
