@@ -303,3 +303,33 @@ def test_a_named_lock_is_held_by_one_process_at_a_time(
     finally:
         first.dispose()
         second.dispose()
+
+
+def test_every_operator_command_works_on_postgresql(
+        tmp_path: Path, pg_cluster: PostgresCluster, pacs: Pacs, demo_bundle: Path) -> None:
+    site = Site(tmp_path, pg_cluster.new_database(), pacs, demo_bundle, receivers=1, quiet_s=0.5)
+    try:
+        site.start(workers=1)
+        ds = make_dx(48, 48, seed=7)
+        _, acks = storescu(site.serves[0].port, [_write(tmp_path / "in", "a.dcm", ds)])
+        assert set(acks.values()) == {"Success"}
+        study = str(ds.StudyInstanceUID)
+        wait_until(lambda: _srs_per_study(pacs) == {study: 1}, timeout=120, what="the SR")
+
+        def run(*argv: str) -> str:
+            proc = subprocess.run([OPACITYD, "--config", str(site.configs[0]), *argv],
+                                  capture_output=True, text=True, timeout=120)
+            assert proc.returncode == 0, (argv, proc.stdout, proc.stderr)
+            return proc.stdout
+        assert "already at" in run("db", "upgrade")
+        assert "done" in run("status")
+        assert study[:20] in run("studies")
+        assert run("worklist", "--json").strip().startswith("{")
+        assert "job_claimed" in run("audit", study)
+        run("deliveries")
+        run("purge", "--dry-run")
+        run("resend", study)
+        wait_until(lambda: _srs_per_study(pacs) == {study: 2}, timeout=60, what="the SR re-sent")
+        run("requeue", "--failed")
+    finally:
+        site.close()
