@@ -401,3 +401,44 @@ def test_a_bad_hl7_destination_stops_start_up_naming_key_and_value(
     with pytest.raises(ConfigError) as raised:
         load_config(write_config(tmp_path, f"[[hl7_destinations]]\n{entry}\n"), env={})
     assert message in str(raised.value)
+
+
+def test_migration_0005_makes_existing_deliveries_sr_deliveries(database_url: str) -> None:
+    """A database at 0004 with an SR delivery, upgraded: the row is kind sr, and the same
+    result and destination may now also have an hl7 delivery (but not a second sr one)."""
+    from alembic import command
+
+    engine = create_db_engine(database_url)
+    cfg = migrate._alembic_config()
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0004")
+    now = datetime(2026, 12, 1, 12, 0)
+    with engine.begin() as conn:
+        conn.execute(sa.text(
+            "INSERT INTO studies (id, study_uid, state, revision, first_received_at, "
+            "last_received_at) VALUES (1, '1.2.3', 'complete', 1, :t, :t)"), {"t": now})
+        conn.execute(sa.text(
+            "INSERT INTO jobs (id, study_id, study_revision, state, created_at, updated_at, "
+            "attempts) VALUES (1, 1, 1, 'done', :t, :t, 1)"), {"t": now})
+        conn.execute(sa.text(
+            "INSERT INTO results (id, job_id, study_id, study_revision, model_name, model_version,"
+            " model_validated, threshold, priority, sr_sop_instance_uid, sr_series_uid, sr_path,"
+            " detail, created_at) VALUES (1, 1, 1, 1, 'm', '1', false, 0.5, 'routine', '2.25.1',"
+            " '2.25.2', 'sr/x.dcm', '{}', :t)"), {"t": now})
+        conn.execute(sa.text(
+            "INSERT INTO deliveries (result_id, destination, state, attempts, next_attempt_at,"
+            " created_at) VALUES (1, 'pacs', 'delivered', 1, :t, :t)"), {"t": now})
+    assert migrate.upgrade(engine) == ("0004", migrate.head_revision())
+    sessions = make_session_factory(engine)
+    with unit_of_work(sessions) as s:
+        (old,) = s.scalars(sa.select(Delivery))
+        assert (old.kind, old.message_control_id) == (DeliveryKind.SR, None)
+        s.add(Delivery(result_id=1, destination="pacs", kind=DeliveryKind.HL7,
+                       message_control_id="A" * 20, state=DeliveryState.PENDING, attempts=0,
+                       next_attempt_at=datetime.now(UTC), created_at=datetime.now(UTC)))
+    with pytest.raises(sa.exc.IntegrityError), unit_of_work(sessions) as s:
+        s.add(Delivery(result_id=1, destination="pacs", kind=DeliveryKind.SR,
+                       state=DeliveryState.PENDING, attempts=0,
+                       next_attempt_at=datetime.now(UTC), created_at=datetime.now(UTC)))
+    engine.dispose()

@@ -102,8 +102,8 @@ class Env:
 
 
 def _env(tmp_path: Path, port: int, *, called_ae: str = "PACS", max_attempts: int = 3,
-         extra: str = "") -> Env:
-    config = load_config(write_config(tmp_path, (
+         extra: str = "", database_url: str = "") -> Env:
+    config = load_config(write_config(tmp_path, database_url=database_url, extra=(
         f'[delivery]\ntimeout_s = 1.0\nmax_attempts = {max_attempts}\n'
         'retry_base_s = 5.0\nretry_max_s = 60.0\n'
         f'[[destinations]]\nname = "pacs"\nhost = "127.0.0.1"\nport = {port}\n'
@@ -416,9 +416,9 @@ def test_status_classes() -> None:
         assert outcome.detail == f"status 0x{code:04X} x"
 
 
-def test_two_claims_at_the_same_time_never_return_the_same_delivery(tmp_path: Path,
-                                                                    port: int) -> None:
-    env = _env(tmp_path, port)
+def test_two_claims_at_the_same_time_never_return_the_same_delivery(
+        tmp_path: Path, port: int, database_url: str) -> None:
+    env = _env(tmp_path, port, database_url=database_url)
     _results(env, 3)
     now = datetime.now(UTC)
     with unit_of_work(env.sessions) as s:
@@ -459,3 +459,20 @@ def test_deliveries_deferred_behind_a_down_destination_are_due_at_the_next_pass(
         due_now = deliveries.due(s, datetime.now(UTC))
     # the one attempted waits for its retry; the two deferred were given back at once
     assert len(due_now) == 2 and all(d.attempts == 0 for d in due_now)
+
+
+def test_a_claim_in_progress_is_skipped_by_a_concurrent_claim_on_postgresql(
+        tmp_path: Path, port: int, pg_cluster: Any) -> None:
+    """Two senders polling at once: the second skips the rows the first holds locked (FOR
+    UPDATE SKIP LOCKED) before it commits, and after it commits they are no longer due."""
+    env = _env(tmp_path, port, database_url=pg_cluster.new_database())
+    _results(env, 3)
+    now = datetime.now(UTC)
+    with unit_of_work(env.sessions) as first_session:
+        first = deliveries.due(first_session, now, limit=2)
+        with unit_of_work(env.sessions) as second_session:
+            second = deliveries.due(second_session, now, limit=2)
+    assert len(first) == 2 and len(second) == 1
+    assert not {d.delivery_id for d in first} & {d.delivery_id for d in second}
+    with unit_of_work(env.sessions) as s:
+        assert deliveries.due(s, now) == []
