@@ -88,8 +88,9 @@ def check_reachable(engine: Engine) -> None:
     """Open and close one connection, so that a process starts only with a database it can
     reach. Raises :class:`DatabaseUnreachable` (URL without its password, the driver's reason)."""
     try:
+        # A reader's BEGIN: a SQLite database that another process is writing is reachable.
         with engine.connect() as conn:
-            conn.exec_driver_sql("SELECT 1")
+            conn.execution_options(**{READ_ONLY_OPTION: True}).exec_driver_sql("SELECT 1")
     except DBAPIError as e:
         reason = str(e.orig).strip().splitlines()[0] if e.orig is not None else type(e).__name__
         raise DatabaseUnreachable(display_url(engine), reason) from e

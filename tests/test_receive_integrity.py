@@ -29,7 +29,7 @@ from pydicom.uid import UID, generate_uid
 from sqlalchemy.orm import Session, joinedload, sessionmaker
 
 from daemon.config import Config, load_config
-from daemon.spool import Spool
+from daemon.spool import MARKER, Spool
 from db import queue
 from db.engine import create_db_engine, make_session_factory, read_only, unit_of_work
 from db.models import AuditEvent, Instance, Job, Result, Study
@@ -131,8 +131,9 @@ def _write_lock_held(database: Path) -> Iterator[None]:
 
 
 def _spool_files(config: Config) -> dict[str, bytes]:
+    """Every file in the spool but the receiver's mount marker."""
     return {str(p.relative_to(config.spool_dir)): p.read_bytes()
-            for p in config.spool_dir.rglob("*") if p.is_file()}
+            for p in config.spool_dir.rglob("*") if p.is_file() and p.name != MARKER}
 
 
 def test_resend_while_another_process_holds_the_database_lock_keeps_the_acknowledged_copy(
