@@ -267,6 +267,39 @@ def _group(label: str, uid_seed: Sequence[str], manifest: Manifest, sources: Seq
     )
 
 
+_LIBRARY_SOP_CLASSES = frozenset({
+    "1.2.840.10008.5.1.4.1.1.1",  # Computed Radiography Image Storage
+    "1.2.840.10008.5.1.4.1.1.1.1",  # Digital X-Ray Image Storage - For Presentation
+    "1.2.840.10008.5.1.4.1.1.1.1.1",  # Digital X-Ray Image Storage - For Processing
+})
+"""Image classes whose Image Library entries highdicom writes with projection descriptors
+(a Secondary Capture has no coded modality there)."""
+
+
+def _describable(header: Dataset) -> bool:
+    """True when highdicom can write the TID 1602 Image Library entry of this header: a CR
+    or DX storage class and modality, rows and columns, a Patient Orientation of two non-empty
+    values and an Imager Pixel Spacing of two positive numbers. Chest headers often lack the
+    last two; such an image gets no entry rather than invented ones."""
+    try:
+        orientation = [str(value).strip() for value in header.get("PatientOrientation") or []]
+        spacing = [float(value) for value in header.get("ImagerPixelSpacing") or []]
+        size = (int(header.Rows), int(header.Columns))
+    except (TypeError, ValueError, AttributeError):
+        return False
+    return (str(header.get("SOPClassUID", "")) in _LIBRARY_SOP_CLASSES
+            and header.get("Modality") in ("CR", "DX") and len(orientation) == 2
+            and all(orientation) and len(spacing) == 2 and all(v > 0 for v in spacing)
+            and min(size) > 0)
+
+
+def _library(scored: Sequence[ImageOutcome]) -> list[Dataset] | None:
+    """The headers for the Image Library (TID 1600; IHE AIR, docs/conformance.md section 7):
+    every scored image when each can be described, else None (no library)."""
+    headers = [i.header for i in scored]
+    return headers if headers and all(_describable(h) for h in headers) else None
+
+
 def _probability(value: float) -> hd.sr.Measurement:
     return hd.sr.Measurement(name=PROBABILITY, value=_rounded(value), unit=NO_UNITS)
 
@@ -320,6 +353,7 @@ def build_sr(study_uid: str, images: Sequence[ImageOutcome], manifest: Manifest,
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
         procedure_reported=PLAIN_CHEST_XRAY,
         imaging_measurements=groups,
+        referenced_images=_library(scored),
     )
     description = "AI lung opacity score"
     if not manifest.validated:

@@ -173,3 +173,34 @@ def test_every_refusal_reason_has_its_own_code_and_the_sr_stays_valid(demo_bundl
     doc = (Path(__file__).resolve().parents[1] / "docs" / "sr-codes.md").read_text()
     for reason, code in REASON_CODES.items():
         assert f"| `{reason}` | {code.value} | {code.meaning} |" in doc, reason
+
+
+def test_an_image_library_lists_the_scored_images_when_their_headers_describe_them(
+        demo_bundle: Path, tmp_path: Path) -> None:
+    """IHE AIR / TID 1600: with Patient Orientation and Imager Pixel Spacing in every scored
+    header, the SR carries an Image Library entry per scored image; without them, none (the
+    SR is still built), and in both cases dciodvfy finds no error."""
+    manifest = read_manifest(demo_bundle)
+    pa = make_dx(seed=3)
+    pa.PatientOrientation = ["L", "F"]
+    pa.ImagerPixelSpacing = [0.143, 0.143]
+    other = make_dx(study_uid=pa.StudyInstanceUID, seed=4)
+    other.PatientOrientation = ["R", "F"]
+    other.ImagerPixelSpacing = [0.2, 0.2]
+    bare = make_dx(seed=5)
+    bare.PatientOrientation = ""  # present but empty (type 2): no entry can be written
+    for name, images, entries in (
+            ("described", [ImageOutcome(pa, 0.8), ImageOutcome(other, 0.1)], 2),
+            ("bare", [ImageOutcome(bare, 0.8)], 0)):
+        sr = build_sr(str(images[0].header.StudyInstanceUID), images, manifest)
+        path = tmp_path / f"{name}.dcm"
+        sr.save_as(path, enforce_file_format=True)
+        assert _errors(path) == [], name
+        libraries = [item for item in sr.ContentSequence
+                     if item.ConceptNameCodeSequence[0].CodeValue == "111028"]
+        listed = [entry for library in libraries for group in library.ContentSequence
+                  for entry in group.ContentSequence if entry.ValueType == "IMAGE"]
+        assert len(listed) == entries, name
+        if entries:
+            refs = {e.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for e in listed}
+            assert refs == {pa.SOPInstanceUID, other.SOPInstanceUID}
