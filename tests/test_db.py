@@ -13,7 +13,7 @@ from daemon.cli import main
 from db import migrate, queue
 from db.engine import create_db_engine, make_session_factory, sqlite_pragmas, unit_of_work
 from db.exceptions import InvalidTransition
-from db.models import Job, Study
+from db.models import Instance, Job, Study
 from db.states import JobState, StudyState, check_transition
 
 NOW = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
@@ -112,3 +112,36 @@ def test_concurrent_schedulers_enqueue_exactly_one_job(sessions) -> None:  # typ
     with unit_of_work(sessions) as s:
         assert s.scalar(sa.select(sa.func.count()).select_from(Job)) == 20
         assert set(s.scalars(sa.select(Study.state))) == {StudyState.COMPLETE}
+
+
+def test_receivers_racing_on_the_same_instances_record_each_once(sessions) -> None:  # type: ignore[no-untyped-def]
+    """Four receivers (threads, each its own connection) file the same 30 instances at once,
+    new studies and existing ones mixed: each instance ends as one row, recorded NEW once and
+    DUPLICATE by the others, and each study once."""
+    with unit_of_work(sessions) as s:
+        for i in range(0, 30, 2):  # half the studies exist already
+            queue.record_instance(s, _record(f"5.{i}", f"5.{i}.0"), NOW)
+    records = [_record(f"5.{i}", f"5.{i}.1") for i in range(30)]
+    barrier = threading.Barrier(4)
+    outcomes: list[queue.StoreOutcome] = []
+    lock = threading.Lock()
+
+    def receiver(offset: int) -> None:
+        barrier.wait()
+        for rec in records[offset:] + records[:offset]:
+            with unit_of_work(sessions) as s:
+                stored = queue.record_instance(s, rec, NOW + timedelta(seconds=1))
+            with lock:
+                outcomes.append(stored.outcome)
+    threads = [threading.Thread(target=receiver, args=(k * 7,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert outcomes.count(queue.StoreOutcome.NEW) == 30
+    assert outcomes.count(queue.StoreOutcome.DUPLICATE) == 90
+    with unit_of_work(sessions) as s:
+        assert s.scalar(sa.select(sa.func.count()).select_from(Instance)) == 45
+        assert s.scalar(sa.select(sa.func.count()).select_from(Study)) == 30
+        assert s.scalar(sa.select(sa.func.sum(Instance.receive_count))
+                        .where(Instance.sop_instance_uid.like("%.1"))) == 120
