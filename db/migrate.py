@@ -1,14 +1,17 @@
 """Schema migrations with alembic, applied programmatically at start-up.
 
-The upgrade runs in one transaction; on SQLite that transaction starts with
-``BEGIN IMMEDIATE``, so two processes starting together serialise and the
-second finds the schema already at head.
+The upgrade runs in one transaction. On SQLite that transaction starts with
+``BEGIN IMMEDIATE``; on PostgreSQL it first takes a transaction-level advisory
+lock (DDL is transactional there). Either way, processes starting together on
+one database (several receivers, workers) serialise, and all but the first find
+the schema already at head.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config as AlembicConfig
 from alembic.runtime.migration import MigrationContext
@@ -16,6 +19,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy.engine import Engine
 
 from db.engine import read_only_connection
+from db.locks import advisory_key
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 
@@ -37,10 +41,13 @@ def head_revision() -> str | None:
 
 
 def upgrade(engine: Engine) -> tuple[str | None, str | None]:
-    """Bring the schema to head. Returns (revision before, revision after)."""
-    before = current_revision(engine)
+    """Bring the schema to head. Returns (revision before, revision after), both read
+    under the lock, so a process that waited for another's upgrade reports no change."""
     cfg = _alembic_config()
     with engine.begin() as conn:
+        if engine.dialect.name == "postgresql":
+            conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": advisory_key("migrate")})
+        before = MigrationContext.configure(conn).get_current_revision()
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, "head")
     return before, current_revision(engine)

@@ -145,3 +145,29 @@ def test_receivers_racing_on_the_same_instances_record_each_once(sessions) -> No
         assert s.scalar(sa.select(sa.func.count()).select_from(Study)) == 30
         assert s.scalar(sa.select(sa.func.sum(Instance.receive_count))
                         .where(Instance.sop_instance_uid.like("%.1"))) == 120
+
+
+def test_processes_starting_together_on_an_empty_database_migrate_it_once(database_url: str) -> None:
+    """Several receivers and workers started at once on a new database: one migrates, the
+    others wait for it and find the schema at head (no duplicate CREATE TABLE)."""
+    engines = [create_db_engine(database_url) for _ in range(4)]
+    barrier = threading.Barrier(len(engines))
+    outcomes: list[tuple[str | None, str | None]] = []
+    errors: list[BaseException] = []
+
+    def start(engine) -> None:  # type: ignore[no-untyped-def]
+        barrier.wait()
+        try:
+            outcomes.append(migrate.upgrade(engine))
+        except Exception as e:  # noqa: BLE001 - collected for the assertion below
+            errors.append(e)
+    threads = [threading.Thread(target=start, args=(e,)) for e in engines]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for engine in engines:
+        engine.dispose()
+    head = migrate.head_revision()
+    assert errors == []
+    assert sorted(outcomes, key=str) == sorted([(None, head)] + [(head, head)] * 3, key=str)
