@@ -77,15 +77,7 @@ def main(argv: list[str] | None = None) -> int:
                                [int(n) for n in args.workers.split(",")], args.database)
 
     run = workdir / f"run-{int(time.time())}"
-    pacs_dir = run / "pacs"
-    pacs_dir.mkdir(parents=True)
-    pacs_port, port = free_port(), free_port()
-    pacs = subprocess.Popen([STORESCP, "-aet", "PACS", "-od", str(pacs_dir), str(pacs_port)],
-                            env=DCMTK_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    extra = (f'[[destinations]]\nname = "pacs"\nhost = "127.0.0.1"\nport = {pacs_port}\n'
-             'called_ae = "PACS"\n[delivery]\npoll_interval_s = 0.1\n'
-             '[worker]\npoll_interval_s = 0.1\nbatch_size = 8\n')
-    cfg = write_config(run / "d", extra, port=port, quiet_s=args.quiet, bundle=bundle)
+    pacs, pacs_dir, cfg, port = start_pacs(run, args.quiet, bundle, embedded=True)
     log = (run / "daemon.log").open("wb")
     daemon = subprocess.Popen([OPACITYD, "--config", str(cfg), "serve"], stdout=log,
                               stderr=subprocess.STDOUT)
@@ -120,6 +112,23 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if len(arrived) == len(study_of) else 1
 
 
+def start_pacs(run: Path, quiet: float, bundle: Path, *, embedded: bool, database_url: str = ""
+               ) -> tuple[subprocess.Popen[bytes], Path, Path, int]:
+    """A DCMTK storescp PACS in ``run/pacs`` and a `serve` config that delivers to it;
+    returns (the PACS process, its folder, the config, the receiver's port)."""
+    pacs_dir = run / "pacs"
+    pacs_dir.mkdir(parents=True)
+    pacs_port, port = free_port(), free_port()
+    pacs = subprocess.Popen([STORESCP, "-aet", "PACS", "-od", str(pacs_dir), str(pacs_port)],
+                            env=DCMTK_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    extra = (f'[[destinations]]\nname = "pacs"\nhost = "127.0.0.1"\nport = {pacs_port}\n'
+             'called_ae = "PACS"\n[delivery]\npoll_interval_s = 0.1\n'
+             f'[worker]\nembedded = {str(embedded).lower()}\npoll_interval_s = 0.1\nbatch_size = 8\n')
+    cfg = write_config(run / "d", extra, port=port, quiet_s=quiet, bundle=bundle,
+                       database_url=database_url)
+    return pacs, pacs_dir, cfg, port
+
+
 def push_and_collect(study_of: dict[str, Path], port: int, pacs_dir: Path
                      ) -> tuple[dict[str, float], dict[str, float], float, float]:
     """Each study in its own storescu association, then wait for every SR (10 min at most);
@@ -146,16 +155,8 @@ def worker_pass(workdir: Path, bundle: Path, study_of: dict[str, Path], quiet: f
                 database_url: str) -> dict[str, float]:
     """One pass: `serve` (no embedded worker) plus ``workers`` `opacityd worker` processes."""
     run = workdir / f"run-{int(time.time())}-w{workers}"
-    pacs_dir = run / "pacs"
-    pacs_dir.mkdir(parents=True)
-    pacs_port, port = free_port(), free_port()
-    pacs = subprocess.Popen([STORESCP, "-aet", "PACS", "-od", str(pacs_dir), str(pacs_port)],
-                            env=DCMTK_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    extra = (f'[[destinations]]\nname = "pacs"\nhost = "127.0.0.1"\nport = {pacs_port}\n'
-             'called_ae = "PACS"\n[delivery]\npoll_interval_s = 0.1\n'
-             '[worker]\nembedded = false\npoll_interval_s = 0.1\nbatch_size = 8\n')
-    cfg = write_config(run / "d", extra, port=port, quiet_s=quiet, bundle=bundle,
-                       database_url=database_url)
+    pacs, pacs_dir, cfg, port = start_pacs(run, quiet, bundle, embedded=False,
+                                           database_url=database_url)
     procs: list[subprocess.Popen[bytes]] = []
     logs = [run / "serve.log", *(run / f"worker{i}.log" for i in range(workers))]
     try:
