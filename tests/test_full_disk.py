@@ -10,6 +10,7 @@ import sqlalchemy as sa
 from pynetdicom import AE
 from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation
 
+from daemon.spool import MARKER
 from db.models import Instance
 from tests.conftest import mounted_tmpfs, running_receiver
 from tests.factories import make_dx
@@ -38,5 +39,5 @@ def test_full_disk_answers_0xA700_leaves_nothing_and_recovers(tmp_path: Path,
         assert fits.Status == 0x0000
         rows = h.query(lambda s: list(s.scalars(sa.select(Instance))))
         assert len(rows) == 1
-        files = [p for p in small_tmpfs.rglob("*") if p.is_file()]
+        files = [p for p in small_tmpfs.rglob("*") if p.is_file() and p.name != MARKER]
         assert [p.name for p in files] == [f"{rows[0].sop_instance_uid}.dcm"]

@@ -131,7 +131,8 @@ def test_vanished_spool_file_fails_the_job_with_a_readable_reason(tmp_path: Path
         _worker(h, predictor, "w").run_once()
         (job,) = h.query(lambda s: list(s.scalars(sa.select(Job))))
         assert job.state == JobState.FAILED
-        assert f"spooled instances unreadable: {ds.SOPInstanceUID} (not_readable" in job.last_error
+        assert job.failure_reason == "spool_file_missing"  # the spool is mounted: the file is gone
+        assert job.last_error == f"spooled instances missing: {ds.SOPInstanceUID}"
         assert _count(h, Result) == 0
 
 
