@@ -111,9 +111,13 @@ def test_heatmap_maximum_falls_in_the_blobs_quadrant(trained: Trained) -> None:
     heatmaps = grad_cam(trained.model, trained.positives.images)
     hits = _peak_quadrants(heatmaps) == _quadrants(trained.positives.centres)
     figure = float(hits.mean())
+    # The control: the negative class's map has no reason to point at the blob.
+    control = grad_cam(trained.model, trained.positives.images, class_index=0)
+    chance = float((_peak_quadrants(control) == _quadrants(trained.positives.centres)).mean())
     print(f"grad-cam localisation: {hits.sum()}/{len(hits)} = {figure:.3f} of held-out positives "
-          f"(classifier accuracy {trained.accuracy:.3f})")
+          f"(classifier accuracy {trained.accuracy:.3f}; negative-class map: {chance:.3f})")
     assert figure >= LOCALISATION_FLOOR, figure
+    assert chance < 0.5, chance
 
 
 def test_a_batch_gives_the_same_heatmaps_as_one_image_at_a_time(trained: Trained) -> None:
