@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Iterator, MutableMapping
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -16,47 +15,24 @@ import hl7
 import pytest
 import sqlalchemy as sa
 import structlog
-from sqlalchemy.orm import Session, sessionmaker
 from structlog.testing import capture_logs
 
-from daemon.config import HL7_VERSIONS, Config, HL7DestinationConfig, load_config
+from daemon.config import HL7_VERSIONS, HL7DestinationConfig, load_config
 from daemon.exceptions import ConfigError
 from daemon.results.exceptions import MessageNotBuilt
 from daemon.results.hl7 import build_oru, encode
 from daemon.sender import DeliveryReason, send_due
-from daemon.spool import Spool
 from db import deliveries, jobs, migrate, queue, worklist
 from db.engine import create_db_engine, make_session_factory, unit_of_work
-from db.models import AuditEvent, Delivery
+from db.models import Delivery
 from db.states import AuditAction, DeliveryKind, DeliveryState
 from tests.conftest import free_port, wait_until, write_config
+from tests.delivery_env import Env
 from tests.mllp_listener import MLLPListener
 
 ACCESSION = "ACC-0042"
 STUDY_UID = "1.2.826.0.1.3680043.8.498.4242"
 ERROR_TEXT = "SENTINEL order ACC-0042 is closed"
-
-
-@dataclass
-class Env:
-    config: Config
-    sessions: sessionmaker[Session]
-    spool: Spool
-
-    def deliveries(self) -> list[Delivery]:
-        with unit_of_work(self.sessions) as s:
-            return list(s.scalars(sa.select(Delivery).order_by(Delivery.id)))
-
-    def make_due(self) -> None:
-        """As if the retry delay (or a claim) had passed."""
-        with unit_of_work(self.sessions) as s:
-            s.execute(sa.update(Delivery).where(Delivery.state == DeliveryState.PENDING)
-                      .values(next_attempt_at=datetime.now(UTC) - timedelta(seconds=1)))
-
-    def audit(self, action: AuditAction) -> list[AuditEvent]:
-        with unit_of_work(self.sessions) as s:
-            return list(s.scalars(sa.select(AuditEvent).where(AuditEvent.action == action)
-                                  .order_by(AuditEvent.id)))
 
 
 def _env(tmp_path: Path, port: int, *, max_attempts: int = 3, timeout_s: float = 1.0,
@@ -67,9 +43,7 @@ def _env(tmp_path: Path, port: int, *, max_attempts: int = 3, timeout_s: float =
         f'[[hl7_destinations]]\nname = "ris"\nhost = "127.0.0.1"\nport = {port}\n'
         'sending_application = "OPACITYD"\nsending_facility = "RADIOLOGY"\n'
         'receiving_application = "RIS"\nreceiving_facility = "HOSPITAL"\n' + extra)), env={})
-    engine = create_db_engine(config.database_url)
-    migrate.upgrade(engine)
-    return Env(config, make_session_factory(engine), Spool(config.spool_dir))
+    return Env.open(config)
 
 
 def _score(env: Env, *, accession: str | None = ACCESSION, study_uid: str = STUDY_UID,

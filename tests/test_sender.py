@@ -19,20 +19,19 @@ from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import ComprehensiveSRStorage, Verification
-from sqlalchemy.orm import Session, sessionmaker
 from structlog.testing import capture_logs
 
-from daemon.config import Config, load_config
+from daemon.config import load_config
 from daemon.report import ImageOutcome, build_sr
 from daemon.sender import DeliveryReason, classify_status, send_due
-from daemon.spool import Spool
-from db import deliveries, jobs, migrate, queue
-from db.engine import create_db_engine, make_session_factory, unit_of_work
+from db import deliveries, jobs, queue
+from db.engine import unit_of_work
 from db.models import Delivery
 from db.states import DeliveryState
 from model.manifest import Manifest, Thresholds
 from model.preprocess import PreprocessSpec
 from tests.conftest import free_port, wait_until, write_config
+from tests.delivery_env import Env
 from tests.factories import make_dx
 
 MANIFEST = Manifest(name="opacity-test", version="1.0.0", created="2026-01-01T00:00:00Z",
@@ -84,23 +83,6 @@ class Scp:
         self.server.shutdown()
 
 
-@dataclass
-class Env:
-    config: Config
-    sessions: sessionmaker[Session]
-    spool: Spool
-
-    def deliveries(self) -> list[Delivery]:
-        with unit_of_work(self.sessions) as s:
-            return list(s.scalars(sa.select(Delivery).order_by(Delivery.id)))
-
-    def make_due(self) -> None:
-        """As if the retry delay had passed."""
-        with unit_of_work(self.sessions) as s:
-            s.execute(sa.update(Delivery).where(Delivery.state == DeliveryState.PENDING)
-                      .values(next_attempt_at=datetime.now(UTC) - timedelta(seconds=1)))
-
-
 def _env(tmp_path: Path, port: int, *, called_ae: str = "PACS", max_attempts: int = 3,
          extra: str = "", database_url: str = "") -> Env:
     config = load_config(write_config(tmp_path, database_url=database_url, extra=(
@@ -108,9 +90,7 @@ def _env(tmp_path: Path, port: int, *, called_ae: str = "PACS", max_attempts: in
         'retry_base_s = 5.0\nretry_max_s = 60.0\n'
         f'[[destinations]]\nname = "pacs"\nhost = "127.0.0.1"\nport = {port}\n'
         f'called_ae = "{called_ae}"\ncalling_ae = "OPACITYD"\n{extra}')), env={})
-    engine = create_db_engine(config.database_url)
-    migrate.upgrade(engine)
-    return Env(config, make_session_factory(engine), Spool(config.spool_dir))
+    return Env.open(config)
 
 
 def _results(env: Env, count: int, destinations: tuple[str, ...] = ("pacs",)) -> list[Path]:
