@@ -1,4 +1,5 @@
-"""The read-only HTTP interface: /healthz, /readyz, /metrics, /api/v1/worklist, /api/v1/studies/{id}.
+"""The read-only HTTP interface: /healthz, /readyz, /metrics, /api/v1/worklist, /api/v1/studies/{id},
+and the worklist pages (/ and /studies/{id}, see :mod:`daemon.pages`).
 
 A WSGI app on the standard library's threaded server (loopback by default). With a token
 configured every request needs ``Authorization: Bearer <token>``. No patient data is served;
@@ -25,6 +26,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from daemon.config import Config
 from daemon.health import Health, all_ok
 from daemon.metrics import Metrics
+from daemon.pages import HEADERS, Page, Pages
 from db import worklist
 from db.engine import read_only
 
@@ -32,6 +34,8 @@ log = structlog.get_logger("opacityd.http")
 
 StartResponse = Callable[[str, list[tuple[str, str]]], Any]
 STUDY_PATH = re.compile(r"^/api/v1/studies/([0-9.]{1,64})$")
+PAGE_PATH = re.compile(r"^/studies/([^/]*)$")
+PREVIEW_PATH = re.compile(r"^/studies/([0-9.]{1,64})/results/([0-9]{1,18})/(input|heatmap)\.png$")
 
 
 class _Server(ThreadingMixIn, WSGIServer):
@@ -50,6 +54,7 @@ class HttpApi:
         self.sessions = sessions
         self.health = health
         self.metrics = metrics
+        self.pages = Pages(config, sessions)
         self.server: _Server | None = None
 
     def start(self) -> None:
@@ -78,8 +83,11 @@ class HttpApi:
                                   [("WWW-Authenticate", "Bearer")])
         if environ.get("REQUEST_METHOD") not in ("GET", "HEAD"):
             return self._json(start_response, "405 Method Not Allowed", {"error": "read-only interface"})
+        query = parse_qs(environ.get("QUERY_STRING", ""))
+        if not path.startswith("/api/") and path not in ("/healthz", "/readyz", "/metrics"):
+            return self._page(path, query, start_response)
         try:
-            return self._route(path, parse_qs(environ.get("QUERY_STRING", "")), start_response)
+            return self._route(path, query, start_response)
         except ValueError as e:
             return self._json(start_response, "400 Bad Request", {"error": str(e)})
         except Exception as e:  # noqa: BLE001 - a reason, never a traceback, for the caller
@@ -114,6 +122,29 @@ class HttpApi:
                 data = worklist.study_history(session, study, self.config.worklist.show_identifiers)
             return self._json(start_response, "200 OK", data)
         return self._json(start_response, "404 Not Found", {"error": f"no resource {path}"})
+
+    def _page(self, path: str, query: dict[str, list[str]],
+              start_response: StartResponse) -> Iterable[bytes]:
+        """A worklist page, a preview PNG, or a 404 page; an unexpected error gives a 500 page
+        with the error's type, never a traceback."""
+        try:
+            if path == "/":
+                page = self.pages.worklist_page(query)
+            elif match := PREVIEW_PATH.match(path):
+                page = self.pages.preview(match.group(1), int(match.group(2)), match.group(3))
+            elif match := PAGE_PATH.match(path):
+                page = self.pages.study_page(match.group(1))
+            else:
+                page = self.pages.not_found("There is no page at this address.")
+        except Exception as e:  # noqa: BLE001 - a reason, never a traceback, for the browser
+            log.error("http_page_error", path=path[:200], error=type(e).__name__, detail=str(e)[:200],
+                      exc_info=True)
+            page = Page("500 Internal Server Error", "text/plain; charset=utf-8",
+                        f"The page could not be made ({type(e).__name__}); the log has the details.\n"
+                        .encode())
+        start_response(page.status, [("Content-Type", page.content_type),
+                                     ("Content-Length", str(len(page.body))), *HEADERS])
+        return [page.body]
 
     def worklist(self, query: dict[str, list[str]]) -> dict[str, Any]:
         now = datetime.now(UTC)

@@ -43,6 +43,9 @@ class WorklistEntry:
     scored_at: datetime
     delivery: str
     """delivered | pending | failed | not_sent (shadow mode or no destination)."""
+    decision: bool | None
+    deliveries: dict[str, str]
+    """The same summary per delivery kind (``sr``, ``summary``, ``hl7``) the result has rows for."""
 
     def to_json(self, show_identifiers: bool, now: datetime) -> dict[str, Any]:
         data: dict[str, Any] = {
@@ -52,6 +55,7 @@ class WorklistEntry:
             "received_at": self.received_at.isoformat(timespec="seconds"),
             "age_s": round((now - self.received_at).total_seconds()),
             "scored_at": self.scored_at.isoformat(timespec="seconds"), "delivery": self.delivery,
+            "decision": self.decision, "deliveries": dict(self.deliveries),
         }
         if show_identifiers:
             data.update(study_uid=self.study_uid, accession_number=self.accession_number)
@@ -80,16 +84,77 @@ def worklist(session: Session, levels: list[str] | None = None, since: datetime 
     if since is not None:
         query = query.where(Study.first_received_at >= since)
     rows = session.execute(query).all()
-    states: dict[int, list[DeliveryState]] = {}
+    states: dict[int, dict[str, list[DeliveryState]]] = {}
     if rows:
         result_ids = [r.id for _, r in rows]
-        for result_id, state in session.execute(sa.select(Delivery.result_id, Delivery.state)
-                                                 .where(Delivery.result_id.in_(result_ids))):
-            states.setdefault(result_id, []).append(state)
+        for result_id, kind, state in session.execute(
+                sa.select(Delivery.result_id, Delivery.kind, Delivery.state)
+                .where(Delivery.result_id.in_(result_ids))):
+            states.setdefault(result_id, {}).setdefault(kind.value, []).append(state)
     return [WorklistEntry(s.id, s.study_uid, s.accession_number, r.priority, r.probability,
                           f"{r.model_name} {r.model_version}", r.model_validated, s.first_received_at,
-                          r.created_at, _delivery_state(states.get(r.id, [])))
+                          r.created_at,
+                          _delivery_state([x for kind in states.get(r.id, {}).values() for x in kind]),
+                          r.decision,
+                          {kind: _delivery_state(kind_states)
+                           for kind, kind_states in sorted(states.get(r.id, {}).items())})
             for s, r in rows]
+
+
+def _level_count_query(since: datetime | None) -> sa.Select[str, int]:
+    latest = sa.select(sa.func.max(Result.id).label("id")).group_by(Result.study_id).subquery()
+    query = (sa.select(Result.priority, sa.func.count()).join(latest, latest.c.id == Result.id)
+             .group_by(Result.priority))
+    if since is not None:
+        query = query.join(Study, Study.id == Result.study_id).where(Study.first_received_at >= since)
+    return query
+
+
+def level_counts(session: Session, since: datetime | None = None) -> dict[str, int]:
+    """How many studies' latest result has each priority (every level, zeros included), counting
+    studies that arrived since ``since``; no limit applies."""
+    counts = dict.fromkeys(LEVELS, 0)
+    for priority, count in session.execute(_level_count_query(since)):
+        counts[priority] = counts.get(priority, 0) + count
+    return counts
+
+
+@dataclass(frozen=True)
+class UnscoredEntry:
+    """A study with no result yet, or none at all: still arriving, queued, failed, or ignored."""
+
+    study_id: int
+    state: str
+    job_state: str | None
+    failure_reason: str | None
+    ineligible_reasons: tuple[str, ...]
+    received_at: datetime
+
+
+def unscored(session: Session, since: datetime | None = None, limit: int = 200) -> list[UnscoredEntry]:
+    """Studies without any result, newest arrival first, with their latest job's state and, for
+    studies no job was queued for, why their instances were not eligible."""
+    scored = sa.select(Result.study_id)
+    query = (sa.select(Study).where(Study.id.not_in(scored))
+             .order_by(Study.first_received_at.desc(), Study.id.desc()).limit(limit))
+    if since is not None:
+        query = query.where(Study.first_received_at >= since)
+    studies = session.scalars(query).all()
+    ids = [s.id for s in studies]
+    jobs: dict[int, Job] = {}
+    reasons: dict[int, set[str]] = {}
+    if ids:
+        for job in session.scalars(sa.select(Job).where(Job.study_id.in_(ids)).order_by(Job.id)):
+            jobs[job.study_id] = job  # the latest job wins
+        for study_id, reason in session.execute(
+                sa.select(Instance.study_id, Instance.eligibility_reason)
+                .where(Instance.study_id.in_(ids), Instance.eligible.is_(False)).distinct()):
+            reasons.setdefault(study_id, set()).add(reason or "unknown")
+    return [UnscoredEntry(s.id, s.state.value,
+                          jobs[s.id].state.value if s.id in jobs else None,
+                          jobs[s.id].failure_reason if s.id in jobs else None,
+                          tuple(sorted(reasons.get(s.id, ()))), s.first_received_at)
+            for s in studies]
 
 
 def worklist_document(session: Session, levels: list[str] | None, since: datetime | None, limit: int,
@@ -107,13 +172,34 @@ def worklist_document(session: Session, levels: list[str] | None, since: datetim
 def find_study(session: Session, key: str) -> Study | None:
     """By Study Instance UID, or by the internal number the worklist shows."""
     study = session.scalar(sa.select(Study).where(Study.study_uid == key))
-    if study is None and key.isdigit():
+    if study is None and key.isdigit() and int(key) < 2**63:  # beyond: no row, nor a valid integer
         study = session.get(Study, int(key))
     return study
 
 
 def _iso(value: datetime | None) -> str | None:
     return None if value is None else value.isoformat(timespec="seconds")
+
+
+def _detail(result: Result) -> dict[str, Any]:
+    """The result's detail JSON; an unreadable or non-object value reads as empty."""
+    try:
+        value = json.loads(result.detail or "{}")
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+SUMMARY_KEYS = ("image", "sop_instance_uid", "reason", "input_png", "heatmap_png")
+
+
+def _summary(detail: dict[str, Any]) -> dict[str, str | None] | None:
+    """The detail's ``summary`` entry with its known keys (each a string or None), or None when
+    the result has none (made before summaries existed, or by a worker that makes none)."""
+    value = detail.get("summary")
+    if not isinstance(value, dict):
+        return None
+    return {key: value[key] if isinstance(value.get(key), str) else None for key in SUMMARY_KEYS}
 
 
 def study_history(session: Session, study: Study, show_identifiers: bool) -> dict[str, Any]:
@@ -149,7 +235,9 @@ def study_history(session: Session, study: Study, show_identifiers: bool) -> dic
                                     "elevated": r.elevated_threshold},
                      "inference_seconds": r.inference_seconds, "sr_sop_instance_uid": r.sr_sop_instance_uid,
                      # per image: its probability, or why it was not analysable, and any notes
-                     "images": json.loads(r.detail or "{}").get("images", {}),
+                     "images": _detail(r).get("images", {}),
+                     # the summary image and its previews, or why there is none (None: not made)
+                     "summary": _summary(_detail(r)),
                      "created_at": _iso(r.created_at)} for r in results],
         # Every delivered object: the SR (kind sr) and HL7 results (kind hl7, with the message
         # control ID). The last detail stays out: it may quote the peer's free text.
