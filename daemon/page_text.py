@@ -73,7 +73,7 @@ JOB_FAILURES: dict[str, str] = {
 
 STUDY_STATES: dict[str, str] = {
     "receiving": "Images are still arriving.",
-    "complete": "Waiting to be scored.",
+    "complete": "Complete: no image arrived for its quiet period, so it was queued for scoring.",
     "ignored": "Not scored: none of its images is eligible.",
 }
 

@@ -273,7 +273,7 @@ class StudyView:
             "badge": text.badge(text.LEVELS, r["priority"]),
             "probability": _percent(r["probability"]), "decision": _decision(r["decision"]),
             "thresholds": r["thresholds"],
-            "images": [self._image(uid, v) for uid, v in images.items()],
+            "images": [self._image(uid, v) for uid, v in sorted(images.items(), key=self._order)],
             "summary_image": self.label(summary["image"]) if summary and summary["image"] else None,
             "previews": previews, "preview_note": preview_note,
             "deliveries": [{"destination": d["destination"], "kind": d["kind"],
@@ -283,6 +283,11 @@ class StudyView:
                             "delivered": _when_text(d["delivered_at"])}
                            for d in self.h["deliveries"] if d["result"] == r["id"]],
         }
+
+    def _order(self, item: tuple[str, Any]) -> tuple[int, str]:
+        """Images in the order they were received (their labels' order), unknown ones last."""
+        label = self.labels.get(item[0], "")
+        return (int(label[6:]), "") if label.startswith("image ") else (1 << 30, item[0])
 
     def _image(self, uid: str, value: Any) -> dict[str, Any]:
         entry = value if isinstance(value, dict) else {}
