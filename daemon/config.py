@@ -169,7 +169,22 @@ class DestinationConfig:
     called_ae: str = ""
     calling_ae: str = "OPACITYD"
     enabled: bool = True
+    send: tuple[str, ...] = ("sr", "summary")
+    """Which objects of each result this destination gets: ``sr`` (the Structured Report)
+    and/or ``summary`` (the summary Secondary Capture); one delivery each."""
     tls: TLSConfig = TLSConfig(require_client_certificate=False)
+
+
+DESTINATION_OBJECTS = ("sr", "summary")
+"""What a ``[[destinations]]`` entry may list in ``send``."""
+
+
+@dataclass(frozen=True)
+class SummaryConfig:
+    enabled: bool = True
+    """Make a summary image (Grad-CAM heatmap over the scored radiograph, the result as burned-in
+    text) and the worklist's preview PNGs for every result. Off: neither is made, and no
+    destination gets a summary."""
 
 
 HL7_VERSIONS = ("2.5", "2.5.1", "2.6", "2.7")
@@ -253,6 +268,7 @@ class Config:
     delivery: DeliveryConfig = DeliveryConfig()
     destinations: tuple[DestinationConfig, ...] = ()
     hl7_destinations: tuple[HL7DestinationConfig, ...] = ()
+    summary: SummaryConfig = SummaryConfig()
     worklist: WorklistConfig = WorklistConfig()
     http: HTTPConfig = HTTPConfig()
     retention: RetentionConfig = RetentionConfig()
@@ -457,6 +473,9 @@ def _check_semantics(config: Config) -> None:
         for field_name in ("called_ae", "calling_ae"):
             value = getattr(dest, field_name)
             _require(valid_ae_title(value), f"{key}.{field_name}", value, "a DICOM AE title")
+        _require(bool(dest.send) and len(set(dest.send)) == len(dest.send)
+                 and set(dest.send) <= set(DESTINATION_OBJECTS), f"{key}.send", list(dest.send),
+                 f"a non-empty list of distinct values from {list(DESTINATION_OBJECTS)}")
     _check_hl7_destinations(config.hl7_destinations)
     s = config.scheduler
     _require(s.study_quiet_period_s > 0, "scheduler.study_quiet_period_s",

@@ -30,9 +30,10 @@ an alert-level event:
   contexts.
 - ``sop_class_not_supported`` (0x0122), ``dataset_mismatch`` (0xA9xx),
   ``cannot_understand`` (0xCxxx), ``failure_status`` (any other failure status).
-- ``sr_unreadable``: the SR file is missing, unreadable, or not the SR its
-  result names.
-- ``destination_not_configured``: the destination is no longer an enabled one.
+- ``sr_unreadable`` / ``summary_unreadable``: the SR (summary image) file is missing,
+  unreadable, or not the object its result names.
+- ``destination_not_configured``: the destination is no longer an enabled one, or its
+  ``send`` no longer lists the delivery's kind.
 
 HL7 (docs/conformance.md, section 6): ``unreachable`` and ``tls_failed`` as above;
 ``no_ack`` (no acknowledgement within ``delivery.timeout_s``), ``connection_lost``
@@ -82,6 +83,7 @@ from daemon.results.exceptions import (
     NoAcknowledgement,
 )
 from daemon.spool import Spool
+from daemon.summary import SECONDARY_CAPTURE
 from db import deliveries
 from db.engine import read_only, unit_of_work
 from db.states import DeliveryKind, DeliveryState
@@ -120,6 +122,7 @@ class DeliveryReason(enum.StrEnum):
     CANNOT_UNDERSTAND = "cannot_understand"
     FAILURE_STATUS = "failure_status"
     SR_UNREADABLE = "sr_unreadable"
+    SUMMARY_UNREADABLE = "summary_unreadable"
     DESTINATION_NOT_CONFIGURED = "destination_not_configured"
     NO_ACK = "no_ack"
     ACK_UNREADABLE = "ack_unreadable"
@@ -256,23 +259,24 @@ def _not_established(assoc: Association, dest: DestinationConfig,
     return _unreachable(dest, timeout)
 
 
-def send_one(dest: DestinationConfig, sr: pydicom.Dataset, timeout: float) -> Outcome:
-    """One C-STORE of ``sr`` to ``dest``, classified; never raises for network trouble or for
-    any answer of the destination."""
+def send_one(dest: DestinationConfig, obj: pydicom.Dataset, timeout: float) -> Outcome:
+    """One C-STORE of ``obj`` (the SR or the summary image) to ``dest``, classified; never
+    raises for network trouble or for any answer of the destination."""
     ae = AE(ae_title=dest.calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     ae.connection_timeout = timeout
-    ae.add_requested_context(COMPREHENSIVE_SR, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    ae.add_requested_context(str(obj.SOPClassUID), [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
     tls = _tls(dest)
     assoc = ae.associate(dest.host, dest.port, ae_title=dest.called_ae, tls_args=tls)
     if not assoc.is_established:
         return _not_established(assoc, dest, tls, timeout)
     try:
-        status = assoc.send_c_store(sr)
+        status = assoc.send_c_store(obj)
     except ValueError as e:
-        # pynetdicom finds no accepted context for the SR's SOP class and transfer syntax.
+        # pynetdicom finds no accepted context for the object's SOP class and transfer syntax.
         return Outcome(False, DeliveryReason.NO_PRESENTATION_CONTEXT,
-                       f"no accepted presentation context for this SR ({type(e).__name__})")
+                       f"no accepted presentation context for {obj.SOPClassUID} "
+                       f"({type(e).__name__})")
     finally:
         if assoc.is_established:
             assoc.release()
@@ -296,40 +300,50 @@ def _frames(exc: BaseException) -> str:
     return "".join(traceback.format_tb(exc.__traceback__)) + f"{type(exc).__qualname__}: (withheld)"
 
 
-def read_sr(spool: Spool, item: deliveries.DueDelivery) -> pydicom.Dataset | Outcome:
-    """The delivery's SR file, or an ``sr_unreadable`` outcome when it is missing, unreadable
-    or not the SR its result names."""
-    path = spool.absolute(item.sr_path)
+_OBJECTS = {DeliveryKind.SR: ("SR", COMPREHENSIVE_SR, DeliveryReason.SR_UNREADABLE),
+            DeliveryKind.SUMMARY: ("summary image", SECONDARY_CAPTURE,
+                                   DeliveryReason.SUMMARY_UNREADABLE)}
+"""Per DICOM delivery kind: what it is called, its SOP class, the reason when its file fails."""
+
+
+def read_object(spool: Spool, item: deliveries.DueDelivery) -> pydicom.Dataset | Outcome:
+    """The delivery's DICOM file (its SR or summary image), or an ``sr_unreadable`` /
+    ``summary_unreadable`` outcome when it is missing, unreadable or not the object its result
+    names."""
+    what, expected_class, unreadable = _OBJECTS[item.kind]
+    if not item.object_path:
+        return Outcome(False, unreadable, f"the result has no {what}")
+    path = spool.absolute(item.object_path)
     try:
-        sr = pydicom.dcmread(path)
-        found = str(sr.SOPInstanceUID)
-        sop_class = str(sr.SOPClassUID)
+        obj = pydicom.dcmread(path)
+        found = str(obj.SOPInstanceUID)
+        sop_class = str(obj.SOPClassUID)
     except (OSError, InvalidDicomError, EOFError, ValueError, struct.error, AttributeError,
             KeyError) as e:
-        return Outcome(False, DeliveryReason.SR_UNREADABLE,
-                       f"SR file {item.sr_path} could not be read ({_describe(e)})")
-    if found != item.sr_sop_instance_uid or sop_class != COMPREHENSIVE_SR:
-        return Outcome(False, DeliveryReason.SR_UNREADABLE,
-                       f"SR file {item.sr_path} holds another object ({sop_class} {found})")
-    return sr
+        return Outcome(False, unreadable,
+                       f"{what} file {item.object_path} could not be read ({_describe(e)})")
+    if found != item.object_uid or sop_class != expected_class:
+        return Outcome(False, unreadable,
+                       f"{what} file {item.object_path} holds another object ({sop_class} {found})")
+    return obj
 
 
 def attempt(config: Config, spool: Spool, item: deliveries.DueDelivery,
             sessions: sessionmaker[Session] | None = None) -> Outcome:
-    """One attempt of one delivery: its destination, its SR file, the C-STORE; or for an HL7
-    delivery (``sessions`` needed), its message, the MLLP exchange."""
+    """One attempt of one delivery: its destination, its SR or summary file, the C-STORE; or
+    for an HL7 delivery (``sessions`` needed), its message, the MLLP exchange."""
     if item.kind is DeliveryKind.HL7:
         if sessions is None:
             raise ValueError("an HL7 delivery is attempted with the database sessions")
         return attempt_hl7(config, sessions, item)
     dest = next((d for d in config.destinations if d.name == item.destination), None)
-    if dest is None or not dest.enabled:
+    if dest is None or not dest.enabled or item.kind.value not in dest.send:
         return Outcome(False, DeliveryReason.DESTINATION_NOT_CONFIGURED,
-                       f"{item.destination} is not an enabled destination")
-    sr = read_sr(spool, item)
-    if isinstance(sr, Outcome):
-        return sr
-    return send_one(dest, sr, config.delivery.timeout_s)
+                       f"{item.destination} is not an enabled destination for {item.kind.value}")
+    obj = read_object(spool, item)
+    if isinstance(obj, Outcome):
+        return obj
+    return send_one(dest, obj, config.delivery.timeout_s)
 
 
 def attempt_hl7(config: Config, sessions: sessionmaker[Session],
@@ -474,11 +488,11 @@ def _record(config: Config, sessions: sessionmaker[Session], item: deliveries.Du
         else:
             state = deliveries.mark_failed_attempt(session, item.delivery_id, now, outcome.reason,
                                                    outcome.detail, retry_in)
-    # What was sent: the SR's UID, or the HL7 message's control ID (never the message itself).
+    # What was sent: the SR's or summary's UID, or the HL7 message's control ID (never the message itself).
     sent_object = ({"message_control_id": item.message_control_id}
-                   if item.kind is DeliveryKind.HL7 else {"sr": item.sr_sop_instance_uid})
+                   if item.kind is DeliveryKind.HL7 else {item.kind.value: item.object_uid})
     if state is DeliveryState.DELIVERED:
-        log.info("hl7_delivered" if item.kind is DeliveryKind.HL7 else "sr_delivered",
+        log.info(f"{item.kind.value}_delivered",
                  **sent_object, attempt=attempt_no, detail=outcome.log_detail,
                  seconds_since_received=round((now - item.received_at).total_seconds(), 2))
         return 1

@@ -54,11 +54,13 @@ from daemon.report import (
 )
 from daemon.sanitize import Repair, sanitized
 from daemon.spool import TEMP_SUFFIX, Spool
+from daemon.summary import SummaryInput, build_summary, previews
 from db import jobs
 from db.engine import check_reachable, create_db_engine, make_session_factory, read_only, unit_of_work
 from db.jobs import FailureReason
 from model.durable import fsync_dir
 from model.errors import BundleError, PreprocessError
+from model.gradcam import GradCam
 from model.predictor import Predictor
 from model.preprocess import PreprocessSpec, preprocess, read_dicom
 
@@ -150,6 +152,10 @@ class _Image:
     probability: float | None = None
     inference_s: float = 0.0
     """This image's share of its batch's network time."""
+    heatmap: np.ndarray | None = None
+    """Grad-CAM of the image a summary shows (its job's highest-scoring one)."""
+    heatmap_problem: str | None = None
+    """Why that image has no heatmap."""
 
 
 class LeaseRenewer:
@@ -226,8 +232,15 @@ class Worker:
         self.pool = ThreadPoolExecutor(config.worker.threads, thread_name_prefix="preprocess")
         enabled = [d.name for d in config.destinations if d.enabled]
         self.destinations = enabled if config.delivery.enabled else []
+        self.sr_destinations = [d.name for d in config.destinations
+                                if d.enabled and "sr" in d.send] if config.delivery.enabled else []
+        self.summary_destinations = ([d.name for d in config.destinations
+                                      if d.enabled and "summary" in d.send]
+                                     if config.delivery.enabled and config.summary.enabled else [])
         hl7 = [d.name for d in config.hl7_destinations if d.enabled]
         self.hl7_destinations = hl7 if config.delivery.enabled else []
+        self._explainer: GradCam | str | None = None
+        """Grad-CAM for the loaded model, made at first use, or why it cannot be made."""
 
     def run(self, stop: threading.Event) -> None:
         log.info("worker_started", owner=self.owner, model=self.manifest.label,
@@ -320,6 +333,11 @@ class Worker:
             batch_size = self.config.worker.batch_size
             for start in range(0, len(ready), batch_size):
                 self._predict(ready[start:start + batch_size], failures)
+            if self.config.summary.enabled:
+                self._explain(ready, failures)
+            else:
+                for img in ready:
+                    img.array = None
             for job in claimed:
                 settled.add(job.job_id)
                 if job.job_id in failures:
@@ -366,7 +384,52 @@ class Worker:
                 continue
             img.probability = float(p)
             img.inference_s = share
-            img.array = None
+
+    def explainer(self) -> GradCam | str:
+        """Grad-CAM for the loaded model, or why there is none (made once)."""
+        if self._explainer is None:
+            try:
+                self._explainer = GradCam(self.predictor.model)
+            except (ValueError, NotImplementedError) as e:
+                self._explainer = f"Grad-CAM is not available for this model ({describe(e)})"
+                log.warning("heatmap_unavailable", error=str(e)[:200], model=self.manifest.label)
+        return self._explainer
+
+    def _explain(self, ready: list[_Image],
+                 failures: dict[int, tuple[JobFailure, BaseException | None]]) -> None:
+        """Grad-CAM, in batches, of each job's highest-scoring image (the one its summary shows);
+        the other images' arrays are dropped. A failure leaves those images without a heatmap
+        and a reason, never fails a job: the SR does not depend on it."""
+        top: dict[int, _Image] = {}
+        for img in ready:
+            if img.probability is None or img.job.job_id in failures:
+                continue
+            best = top.get(img.job.job_id)
+            if best is None or img.probability > (best.probability or 0.0):
+                top[img.job.job_id] = img
+        chosen = list(top.values())
+        kept = {id(img) for img in chosen}
+        for img in ready:
+            if id(img) not in kept:
+                img.array = None
+        explainer = self.explainer()
+        batch_size = self.config.worker.batch_size
+        for start in range(0, len(chosen), batch_size):
+            chunk = chosen[start:start + batch_size]
+            if isinstance(explainer, str):
+                for img in chunk:
+                    img.heatmap_problem = explainer
+                continue
+            try:
+                maps = explainer(np.stack([img.array for img in chunk if img.array is not None]))
+            except Exception as e:  # noqa: BLE001 - the heatmap's boundary: the summary says so
+                log.warning("heatmap_failed", images=len(chunk), error=describe(e),
+                            exception=traceback_text(e))
+                for img in chunk:
+                    img.heatmap_problem = f"Grad-CAM failed ({describe(e)})"
+                continue
+            for img, heat in zip(chunk, maps, strict=True):
+                img.heatmap = heat
 
     def _finish(self, job: jobs.ClaimedJob, items: list[jobs.JobInput], images: list[_Image]) -> None:
         with structlog.contextvars.bound_contextvars(study_uid=job.study_uid, job_id=job.job_id):
@@ -412,6 +475,7 @@ class Worker:
             previous = None if latest is None else (
                 latest.sr_sop_instance_uid, latest.sr_series_uid,
                 json.loads(latest.detail or "{}").get("key"))
+            previous_summary = None if latest is None else latest.summary_sop_instance_uid
         if previous is not None and previous[2] == key:
             # The study's latest SR already says exactly this: nothing new to build or send.
             with unit_of_work(self.sessions) as session:
@@ -436,6 +500,7 @@ class Worker:
         stage.reason = FailureReason.SR_WRITE_FAILED
         relative = f"sr/{job.study_uid}/{sr.SOPInstanceUID}.dcm"
         written = write_once(self.spool.absolute(relative), buffer.getvalue())
+        summary = self._summary(job, images, outcomes, study_p, key, previous_summary)
         stage.reason = FailureReason.DATABASE_ERROR
         priority = priority_for(study_p, manifest)
         record = jobs.ResultRecord(
@@ -449,19 +514,71 @@ class Worker:
             sr_path=relative,
             detail={"key": key, "images": {img.sop_uid: _image_detail(img) for img in images},
                     "ineligible": {i.sop_instance_uid: i.reason for i in items if not i.eligible},
-                    "header": repairs},
+                    "header": repairs, "summary": summary.detail()},
+            summary_sop_instance_uid=summary.sop_instance_uid, summary_path=summary.path,
         )
         with unit_of_work(self.sessions) as session:
-            recorded = jobs.finish_job(session, job, self.owner, record, self.destinations, utcnow(),
-                                       self.hl7_destinations)
+            recorded = jobs.finish_job(session, job, self.owner, record, self.sr_destinations,
+                                       utcnow(), self.hl7_destinations,
+                                       self.summary_destinations if summary.path else [])
         if recorded is None:
             log.warning("job_lost_lease", owner=self.owner)
             return None
         log.info("study_scored", outcome="new_result" if recorded else "unchanged",
                  probability=None if study_p is None else round(study_p, 4), priority=priority.value,
                  scored=len(scored), refused=len(outcomes) - len(scored), model=manifest.label,
-                 sr=str(sr.SOPInstanceUID), sr_file="written" if written else "kept")
+                 sr=str(sr.SOPInstanceUID), sr_file="written" if written else "kept",
+                 summary=summary.sop_instance_uid, summary_reason=summary.reason)
         return None
+
+    def _summary(self, job: jobs.ClaimedJob, images: list[_Image], outcomes: list[ImageOutcome],
+                 study_p: float | None, key: str, previous_uid: str | None) -> SummaryMade:
+        """Build and write the result's summary image and preview PNGs. Never raises: a summary
+        that cannot be made is recorded with its reason, and the SR goes out regardless."""
+        if not self.config.summary.enabled:
+            return SummaryMade(reason="summary images are off (summary.enabled = false)")
+        shown = next((img for img in images if img.array is not None), None)
+        source = shown.header if shown is not None else outcomes[0].header
+        if source is None:
+            return SummaryMade(reason="no header to file a summary under")
+        network_input = (None if shown is None or shown.array is None
+                         else (shown.array[..., 0] + 1.0) / 2.0)
+        item = SummaryInput(
+            study_uid=job.study_uid, revision=job.revision, key=key, manifest=self.manifest,
+            probability=study_p, source=source, network_input=network_input,
+            heatmap=None if shown is None else shown.heatmap,
+            heatmap_problem=None if shown is None else shown.heatmap_problem,
+            scored_images=sum(1 for o in outcomes if o.probability is not None),
+            refusals=[o.refusal for o in outcomes if o.probability is None],
+            previous_uid=previous_uid)
+        if study_p is None:
+            reason: str | None = "not analysable: no image was scored, so no heatmap"
+        elif shown is None:
+            reason = "the scored image is no longer in memory"
+        else:
+            reason = shown.heatmap_problem
+        try:
+            sc = build_summary(item)
+            buffer = pydicom.filebase.DicomBytesIO()
+            sc.save_as(buffer, enforce_file_format=True)
+            uid = str(sc.SOPInstanceUID)
+            path = f"summary/{job.study_uid}/{uid}.dcm"
+            write_once(self.spool.absolute(path), buffer.getvalue())
+            pictures: dict[str, str] = {}
+            if network_input is not None and shown is not None:
+                for name, data in previews(network_input, shown.heatmap).items():
+                    pictures[name] = f"previews/{job.study_uid}/{uid}/{name}.png"
+                    write_once(self.spool.absolute(pictures[name]), data)
+        except Exception as e:  # noqa: BLE001 - the summary's boundary: recorded, the SR goes on
+            log.warning("summary_not_built", error=describe(e), exception=traceback_text(e))
+            return SummaryMade(image=None if shown is None else shown.sop_uid,
+                               reason=f"the summary image could not be made ({describe(e)})")
+        finally:
+            if shown is not None:
+                shown.array = None
+        return SummaryMade(image=None if shown is None else shown.sop_uid, sop_instance_uid=uid,
+                           path=path, reason=reason, input_png=pictures.get("input"),
+                           heatmap_png=pictures.get("heatmap"))
 
     def _fail(self, job: jobs.ClaimedJob, failure: JobFailure, exc: BaseException | None) -> None:
         """Record ``failure`` on the job (retry after the policy's delay, or failed) and log it,
@@ -489,6 +606,27 @@ class Worker:
             log.warning("job_failed", **fields)
         else:
             log.error("job_failed", **fields)
+
+
+@dataclass(frozen=True)
+class SummaryMade:
+    """What became of a result's summary: its image and files, or why there is none (or why
+    it shows no heatmap)."""
+
+    image: str | None = None
+    """SOP Instance UID of the image it shows."""
+    sop_instance_uid: str | None = None
+    path: str | None = None
+    """The Secondary Capture file, relative to the spool root."""
+    reason: str | None = None
+    input_png: str | None = None
+    heatmap_png: str | None = None
+
+    def detail(self) -> dict[str, str | None]:
+        """The result detail's ``summary`` entry (what the worklist page reads)."""
+        return {"image": self.image, "sop_instance_uid": self.sop_instance_uid,
+                "reason": self.reason, "input_png": self.input_png,
+                "heatmap_png": self.heatmap_png}
 
 
 def _image_detail(img: _Image) -> dict[str, object]:

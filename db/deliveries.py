@@ -34,8 +34,11 @@ lease (the sender passes one derived from ``delivery.timeout_s``)."""
 class DueDelivery:
     delivery_id: int
     destination: str
-    sr_path: str
-    sr_sop_instance_uid: str
+    object_path: str | None
+    """The file of the DICOM object the delivery sends (kind ``sr``: the SR; ``summary``: the
+    summary image), relative to the spool root; an HL7 delivery carries its result's SR here,
+    unused."""
+    object_uid: str | None
     study_uid: str
     attempts: int
     received_at: datetime
@@ -46,11 +49,15 @@ class DueDelivery:
 
 
 def due_query(now: datetime, limit: int = 20
-              ) -> sa.Select[int, str, str, str, str, int, datetime, DeliveryKind, str | None]:
+              ) -> sa.Select[int, str, str | None, str | None, str, int, datetime, DeliveryKind,
+                             str | None]:
     """The due-delivery SELECT (pending, ``next_attempt_at`` passed, oldest first): a range on
     the ``(state, next_attempt_at)`` index, never a scan of the table."""
-    return (sa.select(Delivery.id, Delivery.destination, Result.sr_path,
-                      Result.sr_sop_instance_uid, Study.study_uid, Delivery.attempts,
+    summary = Delivery.kind == DeliveryKind.SUMMARY
+    return (sa.select(Delivery.id, Delivery.destination,
+                      sa.case((summary, Result.summary_path), else_=Result.sr_path),
+                      sa.case((summary, Result.summary_sop_instance_uid),
+                              else_=Result.sr_sop_instance_uid), Study.study_uid, Delivery.attempts,
                       Study.first_received_at, Delivery.kind, Delivery.message_control_id)
             .join(Result, Result.id == Delivery.result_id).join(Study, Study.id == Result.study_id)
             .where(Delivery.state == DeliveryState.PENDING, Delivery.next_attempt_at <= now)

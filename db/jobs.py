@@ -100,6 +100,8 @@ class ResultRecord:
     sr_series_uid: str
     sr_path: str
     detail: dict[str, Any]
+    summary_sop_instance_uid: str | None = None
+    summary_path: str | None = None
 
 
 def _claimable_branches(now: datetime, max_attempts: int | None = None
@@ -249,10 +251,13 @@ def _own_running_job(session: Session, job_id: int, owner: str) -> Job | None:
 
 def finish_job(session: Session, claimed: ClaimedJob, owner: str, record: ResultRecord,
                destinations: list[str], now: datetime,
-               hl7_destinations: Sequence[str] = ()) -> bool | None:
-    """Record the result and one pending delivery per destination; the job becomes DONE.
+               hl7_destinations: Sequence[str] = (),
+               summary_destinations: Sequence[str] = ()) -> bool | None:
+    """Record the result and one pending delivery per destination and object; the job becomes
+    DONE.
 
-    ``destinations`` get the SR (kind ``sr``); ``hl7_destinations`` an ORU^R01 (kind ``hl7``)
+    ``destinations`` get the SR (kind ``sr``); ``summary_destinations`` the summary image (kind
+    ``summary``; only when the record has one); ``hl7_destinations`` an ORU^R01 (kind ``hl7``)
     with a new message control ID each, unless the study has no accession number: then none,
     and an audit row ``delivery_skipped`` (reason ``no_accession_number``) per destination.
 
@@ -278,11 +283,17 @@ def finish_job(session: Session, claimed: ClaimedJob, owner: str, record: Result
                     inference_seconds=record.inference_seconds,
                     sr_sop_instance_uid=record.sr_sop_instance_uid,
                     sr_series_uid=record.sr_series_uid, sr_path=record.sr_path,
+                    summary_sop_instance_uid=record.summary_sop_instance_uid,
+                    summary_path=record.summary_path,
                     detail=json.dumps(record.detail, sort_keys=True), created_at=now)
     session.add(result)
     session.flush()
     for name in destinations:
         session.add(Delivery(result_id=result.id, destination=name, kind=DeliveryKind.SR,
+                             state=DeliveryState.PENDING, attempts=0, next_attempt_at=now,
+                             created_at=now))
+    for name in summary_destinations if record.summary_path else ():
+        session.add(Delivery(result_id=result.id, destination=name, kind=DeliveryKind.SUMMARY,
                              state=DeliveryState.PENDING, attempts=0, next_attempt_at=now,
                              created_at=now))
     has_accession = bool((session.scalar(sa.select(Study.accession_number).where(

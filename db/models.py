@@ -172,13 +172,18 @@ class Result(Base):
     sr_sop_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
     sr_series_uid: Mapped[str] = mapped_column(UID)
     sr_path: Mapped[str] = mapped_column(sa.String(255))
+    summary_sop_instance_uid: Mapped[str | None] = mapped_column(UID, unique=True)
+    """The summary Secondary Capture made from this result; NULL when none was made (the
+    reason is in ``detail["summary"]["reason"]``)."""
+    summary_path: Mapped[str | None] = mapped_column(sa.String(255))
+    """Its file, relative to the spool root."""
     detail: Mapped[str] = mapped_column(sa.Text)
     """JSON: per-image probabilities and refusal reasons (SOP Instance UIDs only)."""
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
 
 
 class Delivery(Base):
-    """One object of a result (its SR, or its HL7 message) to one destination."""
+    """One object of a result (its SR, its summary image, or its HL7 message) to one destination."""
 
     __tablename__ = "deliveries"
     __table_args__ = (
@@ -189,8 +194,8 @@ class Delivery(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     result_id: Mapped[int] = mapped_column(sa.ForeignKey("results.id"), index=True)
     destination: Mapped[str] = mapped_column(sa.String(64))
-    """The ``name`` of a ``[[destinations]]`` (kind ``sr``) or ``[[hl7_destinations]]``
-    (kind ``hl7``) entry."""
+    """The ``name`` of a ``[[destinations]]`` (kind ``sr`` or ``summary``) or
+    ``[[hl7_destinations]]`` (kind ``hl7``) entry."""
     kind: Mapped[DeliveryKind] = mapped_column(_enum(DeliveryKind), default=DeliveryKind.SR,
                                                server_default=DeliveryKind.SR.value)
     message_control_id: Mapped[str | None] = mapped_column(sa.String(20), unique=True)

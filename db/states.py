@@ -44,6 +44,9 @@ class DeliveryKind(enum.StrEnum):
     """The DICOM SR, by C-STORE to a ``[[destinations]]`` entry."""
     HL7 = "hl7"
     """An HL7 v2 ORU^R01 over MLLP to an ``[[hl7_destinations]]`` entry."""
+    SUMMARY = "summary"
+    """The summary Secondary Capture (the scored radiograph with its heatmap and the result as
+    burned-in text), by C-STORE to a ``[[destinations]]`` entry whose ``send`` lists it."""
 
 
 class AuditAction(enum.StrEnum):

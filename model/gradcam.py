@@ -74,32 +74,47 @@ def grad_cam(model: keras.Model, batch: np.ndarray, layer_name: str | None = Non
     :func:`positive_index_of`). Raises ValueError for a bad batch shape, an unknown layer or
     one without a 4-D output, NotImplementedError on a backend other than TensorFlow or JAX.
     """
-    backend = keras.backend.backend()
-    if backend not in SUPPORTED_BACKENDS:
-        raise NotImplementedError(f"grad_cam supports the {' and '.join(SUPPORTED_BACKENDS)} "
-                                  f"backends, not {backend!r}")
-    expected = tuple(model.input_shape[1:])
-    if batch.ndim != 4 or tuple(batch.shape[1:]) != expected:
-        raise ValueError(f"batch shape {batch.shape} does not match (n, {', '.join(map(str, expected))})")
-    name = layer_name or default_layer_name(model)
-    try:
-        layer = model.get_layer(name)
-    except ValueError as e:
-        raise ValueError(f"model {model.name!r} has no layer named {name!r}") from e
-    if isinstance(layer.output, list | tuple) or len(layer.output.shape) != 4:
-        raise ValueError(f"layer {name!r} has output shape {layer.output.shape}, not a 4-D feature map")
-    index = positive_index_of(model) if class_index is None else class_index
-    features, head, score = _split(model, layer, index)
-    activations = features(batch.astype(np.float32, copy=False), training=False)
-    gradients = _GRADIENTS[backend](head, score, activations)
-    acts = np.asarray(keras.ops.convert_to_numpy(activations), dtype=np.float64)
-    weights = np.asarray(gradients, dtype=np.float64).mean(axis=(1, 2), keepdims=True)
-    cams = np.maximum((weights * acts).sum(axis=-1), 0.0)
-    peaks = cams.max(axis=(1, 2), keepdims=True)
-    cams = np.divide(cams, peaks, out=np.zeros_like(cams), where=peaks > 0)
-    height, width = batch.shape[1:3]
-    return np.stack([np.clip(resize(c, (height, width), order=1, mode="edge", anti_aliasing=False),
-                             0.0, 1.0) for c in cams]).astype(np.float32)
+    return GradCam(model, layer_name, class_index)(batch)
+
+
+class GradCam:
+    """:func:`grad_cam` for one model, split once (the worker explains every batch with it)."""
+
+    def __init__(self, model: keras.Model, layer_name: str | None = None,
+                 class_index: int | None = None) -> None:
+        backend = keras.backend.backend()
+        if backend not in SUPPORTED_BACKENDS:
+            raise NotImplementedError(f"grad_cam supports the {' and '.join(SUPPORTED_BACKENDS)} "
+                                      f"backends, not {backend!r}")
+        name = layer_name or default_layer_name(model)
+        try:
+            layer = model.get_layer(name)
+        except ValueError as e:
+            raise ValueError(f"model {model.name!r} has no layer named {name!r}") from e
+        if isinstance(layer.output, list | tuple) or len(layer.output.shape) != 4:
+            raise ValueError(f"layer {name!r} has output shape {layer.output.shape}, "
+                             "not a 4-D feature map")
+        index = positive_index_of(model) if class_index is None else class_index
+        self.backend = backend
+        self.layer_name = name
+        self.input_shape = tuple(model.input_shape[1:])
+        self.features, self.head, self.score = _split(model, layer, index)
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        if batch.ndim != 4 or tuple(batch.shape[1:]) != self.input_shape:
+            raise ValueError(f"batch shape {batch.shape} does not match "
+                             f"(n, {', '.join(map(str, self.input_shape))})")
+        activations = self.features(batch.astype(np.float32, copy=False), training=False)
+        gradients = _GRADIENTS[self.backend](self.head, self.score, activations)
+        acts = np.asarray(keras.ops.convert_to_numpy(activations), dtype=np.float64)
+        weights = np.asarray(gradients, dtype=np.float64).mean(axis=(1, 2), keepdims=True)
+        cams = np.maximum((weights * acts).sum(axis=-1), 0.0)
+        peaks = cams.max(axis=(1, 2), keepdims=True)
+        cams = np.divide(cams, peaks, out=np.zeros_like(cams), where=peaks > 0)
+        height, width = batch.shape[1:3]
+        return np.stack([np.clip(resize(c, (height, width), order=1, mode="edge",
+                                        anti_aliasing=False), 0.0, 1.0)
+                         for c in cams]).astype(np.float32)
 
 
 Score = Callable[[Any], Any]

@@ -153,6 +153,10 @@ class Pacs:
     def srs(self) -> list[Path]:
         return sorted(self.folder.glob("SR*"))
 
+    def summaries(self) -> list[Path]:
+        """The summary images received (storescp names a Secondary Capture SC.<uid>)."""
+        return sorted(self.folder.glob("SC*"))
+
 
 @pytest.fixture(scope="session")
 def demo_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:

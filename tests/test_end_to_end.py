@@ -10,14 +10,16 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pydicom
 import pytest
 import sqlalchemy as sa
+from PIL import Image
 
 from daemon.config import load_config
 from db.engine import create_db_engine, make_session_factory, unit_of_work
 from db.models import AuditEvent, Delivery, Job, Result
-from db.states import AuditAction, DeliveryState, JobState
+from db.states import AuditAction, DeliveryKind, DeliveryState, JobState
 from tests.conftest import (
     Pacs,
     free_port,
@@ -42,7 +44,8 @@ def pacs(tmp_path: Path) -> Iterator[Pacs]:
 def _destination(pacs: Pacs) -> str:
     return (f'[[destinations]]\nname = "pacs"\nhost = "127.0.0.1"\nport = {pacs.port}\n'
             f'called_ae = "PACS"\ncalling_ae = "OPACITYD"\n'
-            '[delivery]\npoll_interval_s = 0.2\nretry_base_s = 0.5\nretry_max_s = 2.0\n'
+            # timeout 5 s: a delivery claimed by a killed serve is due again after 25 s
+            '[delivery]\npoll_interval_s = 0.2\nretry_base_s = 0.5\nretry_max_s = 2.0\ntimeout_s = 5.0\n'
             '[worker]\npoll_interval_s = 0.2\nlease_s = 5.0\n')
 
 
@@ -79,8 +82,10 @@ def _one_study_in(tmp_path: Path, shared_dicom: Path, demo_bundle: Path, pacs: P
 
 
 def _delivery(sessions, state: DeliveryState) -> bool:  # type: ignore[no-untyped-def]
+    """Every delivery (the SR and the summary image) is in ``state``."""
     with unit_of_work(sessions) as s:
-        return s.scalar(sa.select(Delivery.state)) == state
+        states = s.scalars(sa.select(Delivery.state)).all()
+        return len(states) == 2 and set(states) == {state}
 
 
 def test_study_pushed_by_storescu_arrives_at_the_pacs_as_one_valid_sr(
@@ -94,12 +99,20 @@ def test_study_pushed_by_storescu_arrives_at_the_pacs_as_one_valid_sr(
     _, acks = storescu(port, [pa, lateral])
     assert set(acks.values()) == {"Success"}
 
-    wait_until(lambda: pacs.srs(), timeout=120, what="the SR at the PACS")
+    wait_until(lambda: pacs.srs() and pacs.summaries(), timeout=120,
+               what="the SR and the summary image at the PACS")
     (sr_path,) = pacs.srs()
-    errors = [line for line in subprocess.run(["/usr/bin/dciodvfy", str(sr_path)], capture_output=True,
-                                              text=True).stderr.splitlines() if line.startswith("Error")]
-    assert errors == []
+    (summary_path,) = pacs.summaries()
+    for path in (sr_path, summary_path):
+        errors = [line for line in subprocess.run(["/usr/bin/dciodvfy", str(path)], capture_output=True,
+                                                  text=True).stderr.splitlines() if line.startswith("Error")]
+        assert errors == [], path.name
     sr = pydicom.dcmread(sr_path)
+    summary = pydicom.dcmread(summary_path)
+    assert summary.StudyInstanceUID == sr.StudyInstanceUID
+    pa_header = pydicom.dcmread(pa, stop_before_pixels=True)
+    assert summary.SourceImageSequence[0].ReferencedSOPInstanceUID == pa_header.SOPInstanceUID
+    assert summary.PatientID == pa_header.PatientID  # filed under the patient by the PACS
     pa_uid = pydicom.dcmread(pa, stop_before_pixels=True).SOPInstanceUID
     lateral_uid = pydicom.dcmread(lateral, stop_before_pixels=True).SOPInstanceUID
     assert sr.StudyInstanceUID == pydicom.dcmread(pa, stop_before_pixels=True).StudyInstanceUID
@@ -114,12 +127,16 @@ def test_study_pushed_by_storescu_arrives_at_the_pacs_as_one_valid_sr(
     assert evidence == {pa_uid}  # the lateral was never eligible, so it is not evidence
 
     engine, _ = _sessions(cfg)
+    wait_until(lambda: _delivery(make_session_factory(engine), DeliveryState.DELIVERED), timeout=30,
+               what="both deliveries recorded")
     with unit_of_work(make_session_factory(engine)) as s:
         (result,) = s.scalars(sa.select(Result)).all()
-        (delivery,) = s.scalars(sa.select(Delivery)).all()
+        assert result.summary_sop_instance_uid == summary.SOPInstanceUID
+        kinds = {d.kind: d.state for d in s.scalars(sa.select(Delivery))}
         assert result.sr_sop_instance_uid == sr.SOPInstanceUID
         assert result.model_name == "opacity-xception-UNTRAINED-DEMO"
-        assert delivery.state == DeliveryState.DELIVERED
+        assert kinds == {DeliveryKind.SR: DeliveryState.DELIVERED,
+                         DeliveryKind.SUMMARY: DeliveryState.DELIVERED}
         assert '"ineligible"' in result.detail and lateral_uid in result.detail
     engine.dispose()
     assert daemon.terminate() == 0
@@ -132,13 +149,13 @@ def test_pacs_down_then_up_gets_the_sr_exactly_once(tmp_path: Path, shared_dicom
 
     def retried() -> bool:
         with unit_of_work(sessions) as s:
-            d = s.scalar(sa.select(Delivery))
+            d = s.scalar(sa.select(Delivery).where(Delivery.kind == DeliveryKind.SR))
             return d is not None and d.attempts >= 2 and d.last_reason == "unreachable"
     wait_until(retried, timeout=120, what="failed delivery attempts while the PACS is down")
     pacs.start()
     wait_until(lambda: _delivery(sessions, DeliveryState.DELIVERED), timeout=60,
                what="delivery after the PACS came up")
-    assert len(pacs.srs()) == 1
+    assert len(pacs.srs()) == 1 and len(pacs.summaries()) == 1
     engine.dispose()
     assert daemon.terminate() == 0
 
@@ -223,7 +240,7 @@ def _rest(base: str, path: str, body: bytes | None = None) -> object:
         return json.loads(r.read())
 
 
-def test_orthanc_pushes_a_study_and_the_sr_appears_in_the_same_study(
+def test_orthanc_pushes_a_study_and_the_sr_and_summary_appear_in_the_same_study(
         tmp_path: Path, shared_dicom: Path, demo_bundle: Path, orthanc: tuple[str, int, int],
         daemons: list[DaemonProcess]) -> None:
     base, orthanc_port, port = orthanc
@@ -247,6 +264,30 @@ def test_orthanc_pushes_a_study_and_the_sr_appears_in_the_same_study(
     assert "NOT FOR CLINICAL USE" in tags["SeriesDescription"]  # type: ignore[index]
     assert tags["Manufacturer"] == "opacityd"  # type: ignore[index]
 
+    # The summary image: a Secondary Capture series of its own in the same study, which Orthanc
+    # renders (its preview PNG is kept beside the test's files, and under $OPACITYD_SCREENSHOTS).
+    def sc_series() -> list[dict[str, object]]:
+        series = _rest(base, f"/studies/{study_id}/series")
+        return [s for s in series if s["MainDicomTags"].get("Modality") == "OT"  # type: ignore[union-attr,index]
+                or "opacityd" in str(s["MainDicomTags"].get("SeriesDescription", ""))  # type: ignore[union-attr,index]
+                and s["MainDicomTags"].get("Modality") != "SR"]  # type: ignore[union-attr,index]
+    (summary,) = wait_until(sc_series, timeout=120, interval=0.5, what="the summary in Orthanc")
+    (summary_id,) = summary["Instances"]  # type: ignore[misc]
+    tags = _rest(base, f"/instances/{summary_id}/simplified-tags")
+    assert tags["SOPClassUID"] == "1.2.840.10008.5.1.4.1.1.7"  # type: ignore[index]
+    assert tags["StudyInstanceUID"] == pydicom.dcmread(pa, stop_before_pixels=True).StudyInstanceUID  # type: ignore[index]
+    assert tags["BurnedInAnnotation"] == "YES"  # type: ignore[index]
+    assert "NOT FOR CLINICAL USE" in tags["SeriesDescription"]  # type: ignore[index]
+    with urllib.request.urlopen(f"{base}/instances/{summary_id}/preview", timeout=60) as r:
+        assert r.headers["Content-Type"] == "image/png"
+        preview = r.read()
+    kept = tmp_path / "orthanc-summary-preview.png"
+    kept.write_bytes(preview)
+    if os.environ.get("OPACITYD_SCREENSHOTS"):
+        (Path(os.environ["OPACITYD_SCREENSHOTS"]) / kept.name).write_bytes(preview)
+    rendered = np.asarray(Image.open(kept).convert("RGB"))
+    assert rendered.shape[1] == 1024 and rendered.std() > 10  # the image itself, not a blank
+
 
 def test_daemon_killed_with_a_delivery_outstanding_delivers_exactly_once_after_restart(
         tmp_path: Path, shared_dicom: Path, demo_bundle: Path, pacs: Pacs,
@@ -256,9 +297,9 @@ def test_daemon_killed_with_a_delivery_outstanding_delivers_exactly_once_after_r
 
     def attempted() -> bool:
         with unit_of_work(sessions) as s:
-            d = s.scalar(sa.select(Delivery))
-            return d is not None and d.attempts >= 1
-    wait_until(attempted, timeout=120, what="a delivery attempt while the PACS is down")
+            attempts = s.scalars(sa.select(Delivery.attempts)).all()
+            return len(attempts) == 2 and min(attempts) >= 1
+    wait_until(attempted, timeout=120, what="an attempt of both deliveries while the PACS is down")
     daemon.kill9()  # the serve process dies with the SR undelivered; its worker is orphaned
     pacs.start()
     restarted = DaemonProcess(cfg, tmp_path / "daemon2.log", daemon.port).start()
@@ -266,7 +307,7 @@ def test_daemon_killed_with_a_delivery_outstanding_delivers_exactly_once_after_r
 
     wait_until(lambda: _delivery(sessions, DeliveryState.DELIVERED), timeout=120,
                what="delivery after the restart")
-    assert len(pacs.srs()) == 1
+    assert len(pacs.srs()) == 1 and len(pacs.summaries()) == 1
     with unit_of_work(sessions) as s:
         assert s.scalar(sa.select(sa.func.count()).select_from(Result)) == 1
     engine.dispose()
