@@ -185,6 +185,13 @@ def test_worklist_and_study_pages_in_chromium_after_scoring_the_real_files(
     fuji = _chromium(tmp_path, f"{base}/studies/{fuji_number}")
     assert fuji.count("<tr><td>image ") >= 4 and "Audit timeline" in fuji
     assert re.search(r"<td>pacs</td><td>sr</td><td><span class=\"badge delivered\">", fuji)
+    # the worker's previews of the summary image, served from the spool
+    previews = re.findall(r'<img src="(/studies/\d+/results/\d+/(?:input|heatmap)\.png)"', fuji)
+    assert len(previews) == 2, "no network-input and heatmap previews on the study page"
+    for src in previews:
+        with urllib.request.urlopen(f"{base}{src}", timeout=10) as response:
+            assert response.headers["Content-Type"] == "image/png"
+            assert response.read().startswith(b"\x89PNG")
     _chromium(tmp_path, f"{base}/studies/{fuji_number}", shots / "study.png")
     _keep(shots / "study.png", "study.png")
 
