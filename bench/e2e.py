@@ -1,13 +1,16 @@
 """End-to-end benchmark: single-image studies in, SRs out at a DCMTK storescp PACS.
 
     python -m bench.e2e [--studies 100] [--quiet 1.0] [--bundle DIR] [--workdir bench/out/e2e]
+                        [--summaries both|on|off]
     python -m bench.e2e --workers 1,2,3 [--database postgres] ...
 
 Pushes each study with its own DCMTK storescu association to `opacityd serve`
 (quiet period 1 s, embedded worker, batch 8), and prints: time from
 association release to the SR landing at the PACS (p50/p95/max), studies per
 minute, and the worker's images/s as a ratio of the bare network on ready
-tensors (same bundle, batch 8, measured in this script).
+tensors (same bundle, batch 8, measured in this script). By default it runs twice, with
+summary images (Grad-CAM and the Secondary Capture) on and off, and prints what a summary
+costs per study in worker time and in inferences.
 
 With ``--workers 1,2,3``, `serve` runs without its embedded worker and each pass starts that
 many `opacityd worker` processes on the same database (``--database postgres``: a throwaway
@@ -57,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", type=Path, default=Path("bench/out/e2e"))
     p.add_argument("--workers", help="comma-separated counts of separate worker processes, e.g. 1,2,3")
     p.add_argument("--database", choices=("sqlite", "postgres"), default="sqlite")
+    p.add_argument("--summaries", choices=("both", "on", "off"), default="both",
+                   help="embedded passes with summary images on and off (default both, side by side)")
     args = p.parse_args(argv)
     workdir = args.workdir.resolve()
     bundle = args.bundle or workdir / "demo-bundle-299"
@@ -76,14 +81,58 @@ def main(argv: list[str] | None = None) -> int:
         return compare_workers(workdir, bundle, study_of, args.quiet,
                                [int(n) for n in args.workers.split(",")], args.database)
 
-    run = workdir / f"run-{int(time.time())}"
-    pacs, pacs_dir, cfg, port = start_pacs(run, args.quiet, bundle, embedded=True)
+    modes = {"both": [True, False], "on": [True], "off": [False]}[args.summaries]
+    passes = []
+    for summaries in modes:
+        _progress(f"pass with summary images {'on' if summaries else 'off'} ...")
+        passes.append(embedded_pass(workdir, bundle, study_of, args.quiet, summaries))
+    _progress("measuring the bare network on ready tensors ...")
+    bare = _bare_network_rate(bundle)
+    print(f"\ne2e: {len(study_of)} single-image studies (512x512 16-bit), quiet period {args.quiet} s, "
+          f"bundle {bundle.name}, embedded worker (batch 8)")
+    print(f"bare network on ready tensors (batch 8): {bare:.2f} images/s, one inference "
+          f"{1000 / bare:.0f} ms per image")
+    print(f"{'summaries':>9}  {'SRs':>5}  {'summaries':>9}  {'studies/min':>11}  {'worker img/s':>12}  "
+          f"{'vs bare':>7}  {'p50 s':>6}  {'p95 s':>6}  {'max s':>6}")
+    for r in passes:
+        print(f"{'on' if r['summaries'] else 'off':>9}  {r['srs']:>5.0f}  {r['summary_images']:>9.0f}  "
+              f"{r['studies_per_min']:>11.1f}  {r['worker_images_per_s']:>12.2f}  "
+              f"{r['worker_images_per_s'] / bare:>7.2f}  {r['p50_s']:>6.2f}  {r['p95_s']:>6.2f}  "
+              f"{r['max_s']:>6.2f}")
+    headline: dict[str, object] = {"bench": "e2e", "studies": len(study_of),
+                                   "bare_images_per_s": round(bare, 3),
+                                   "passes": [{k: round(float(v), 3) for k, v in r.items()}
+                                              for r in passes]}
+    if len(passes) == 2:
+        on, off = passes
+        extra = 1 / on["worker_images_per_s"] - 1 / off["worker_images_per_s"]
+        print(f"summary cost per study: {extra * 1000:.0f} ms of worker time "
+              f"({extra * bare:.2f} inferences; goal: at most 1); with summaries the worker runs at "
+              f"{on['worker_images_per_s'] / off['worker_images_per_s']:.2f} of its rate without")
+        print(f"of which building and writing the summary and its previews (median, timed in the "
+              f"worker): {on['summary_ms_p50']:.0f} ms; the rest is the heatmap's backward pass and "
+              "the serve process sending one more object per study on the same cores")
+        headline.update(summary_cost_ms=round(extra * 1000, 1),
+                        summary_cost_inferences=round(extra * bare, 3))
+    print(json.dumps(headline))
+    return 0 if all(r["srs"] == len(study_of) for r in passes) else 1
+
+
+def embedded_pass(workdir: Path, bundle: Path, study_of: dict[str, Path], quiet: float,
+                  summaries: bool) -> dict[str, float]:
+    """One pass through `serve` with its embedded worker, summary images on or off."""
+    run = workdir / f"run-{int(time.time())}-summaries-{'on' if summaries else 'off'}"
+    pacs, pacs_dir, cfg, port = start_pacs(run, quiet, bundle, embedded=True, summaries=summaries)
     log = (run / "daemon.log").open("wb")
     daemon = subprocess.Popen([OPACITYD, "--config", str(cfg), "serve"], stdout=log,
                               stderr=subprocess.STDOUT)
     try:
         wait_for_worker(run / "daemon.log", daemon)
         released, arrived, started, finished = push_and_collect(study_of, port, pacs_dir)
+        if summaries:  # the summary follows its SR: wait for the last ones (1 min at most)
+            deadline = time.monotonic() + 60
+            while len(list(pacs_dir.glob("SC*"))) < len(arrived) and time.monotonic() < deadline:
+                time.sleep(0.1)
     finally:
         daemon.send_signal(signal.SIGTERM)
         daemon.wait(timeout=120)
@@ -96,24 +145,19 @@ def main(argv: list[str] | None = None) -> int:
     stamps = sorted(time.mktime(time.strptime(e["timestamp"][:19], "%Y-%m-%dT%H:%M:%S"))
                     + float("0." + e["timestamp"][20:26]) for e in scored)
     worker_rate = (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else float("nan")
-    _progress("measuring the bare network on ready tensors ...")
-    bare = _bare_network_rate(bundle)
-    print(f"\ne2e: {len(study_of)} single-image studies (512x512 16-bit), quiet period {args.quiet} s, "
-          f"bundle {bundle.name}")
-    print(f"SRs received at the PACS: {len(arrived)}/{len(study_of)}")
-    if len(latencies):
-        print(f"release -> SR at PACS: p50 {np.percentile(latencies, 50):.2f} s, "
-              f"p95 {np.percentile(latencies, 95):.2f} s, max {latencies.max():.2f} s")
-    print(f"throughput: {len(arrived) / (finished - started) * 60:.1f} studies/min over the whole run")
-    print(f"worker: {worker_rate:.2f} images/s while busy; bare network (batch 8): {bare:.2f} images/s; "
-          f"ratio {worker_rate / bare:.2f}")
-    print(f"goal for p95: quiet {args.quiet} s + 2 s + one batch of 8 ({8 / bare:.2f} s) = "
-          f"{args.quiet + 2 + 8 / bare:.2f} s")
-    return 0 if len(arrived) == len(study_of) else 1
+    made = [float(e["summary_ms"]) for e in scored if e.get("summary") and "summary_ms" in e]
+    return {"summaries": float(summaries), "srs": len(arrived),
+            "summary_images": len(list(pacs_dir.glob("SC*"))),
+            "summary_ms_p50": float(np.median(made)) if made else 0.0,
+            "studies_per_min": len(arrived) / (finished - started) * 60,
+            "worker_images_per_s": worker_rate,
+            "p50_s": float(np.percentile(latencies, 50)) if len(latencies) else float("nan"),
+            "p95_s": float(np.percentile(latencies, 95)) if len(latencies) else float("nan"),
+            "max_s": float(latencies.max()) if len(latencies) else float("nan")}
 
 
-def start_pacs(run: Path, quiet: float, bundle: Path, *, embedded: bool, database_url: str = ""
-               ) -> tuple[subprocess.Popen[bytes], Path, Path, int]:
+def start_pacs(run: Path, quiet: float, bundle: Path, *, embedded: bool, database_url: str = "",
+               summaries: bool = True) -> tuple[subprocess.Popen[bytes], Path, Path, int]:
     """A DCMTK storescp PACS in ``run/pacs`` and a `serve` config that delivers to it;
     returns (the PACS process, its folder, the config, the receiver's port)."""
     pacs_dir = run / "pacs"
@@ -123,7 +167,8 @@ def start_pacs(run: Path, quiet: float, bundle: Path, *, embedded: bool, databas
                             env=DCMTK_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     extra = (f'[[destinations]]\nname = "pacs"\nhost = "127.0.0.1"\nport = {pacs_port}\n'
              'called_ae = "PACS"\n[delivery]\npoll_interval_s = 0.1\n'
-             f'[worker]\nembedded = {str(embedded).lower()}\npoll_interval_s = 0.1\nbatch_size = 8\n')
+             f'[worker]\nembedded = {str(embedded).lower()}\npoll_interval_s = 0.1\nbatch_size = 8\n'
+             f'[summary]\nenabled = {str(summaries).lower()}\n')
     cfg = write_config(run / "d", extra, port=port, quiet_s=quiet, bundle=bundle,
                        database_url=database_url)
     return pacs, pacs_dir, cfg, port

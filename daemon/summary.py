@@ -24,7 +24,7 @@ import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from functools import cache
+from functools import cache, cached_property
 
 import highdicom as hd
 import numpy as np
@@ -32,7 +32,6 @@ from PIL import Image, ImageDraw, ImageFont
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import ExplicitVRLittleEndian
-from skimage.transform import resize
 
 from daemon.eligibility import OWN_MANUFACTURER
 from daemon.report import REASON_CODES, UNKNOWN_REASON, deterministic_uid, priority_for
@@ -80,6 +79,18 @@ class SummaryInput:
     """The reasons of the images that were not scored (for a study that is not analysable)."""
     previous_uid: str | None = None
     """The summary this one supersedes."""
+
+    @cached_property
+    def picture(self) -> np.ndarray | None:
+        """What is shown, at the network's resolution, uint8 RGB: the heatmap over the image
+        with its legend, or the image alone in gray; None when no image is shown. Made once
+        (the summary scales it up; the preview PNGs are it)."""
+        if self.network_input is None:
+            return None
+        if self.heatmap is not None:
+            return render_heatmap(self.network_input, self.heatmap)
+        gray = np.round(np.clip(self.network_input, 0.0, 1.0) * 255).astype(np.uint8)
+        return np.repeat(gray[..., None], 3, axis=-1)
 
 
 def summary_series_uid(study_uid: str, manifest: Manifest) -> str:
@@ -153,19 +164,15 @@ def render_summary(item: SummaryInput, created: datetime) -> np.ndarray:
         size = 30 if i == 0 else 22
         draw.text((20, y), text, fill=colour, font=_font(size))
         y += size + 10
-    if item.network_input is not None:
-        image = np.clip(resize(item.network_input, (IMAGE_SIDE, IMAGE_SIDE), order=1,
-                               anti_aliasing=False), 0.0, 1.0)
-        if item.heatmap is not None:
-            heat = np.clip(resize(item.heatmap, (IMAGE_SIDE, IMAGE_SIDE), order=1,
-                                  anti_aliasing=False), 0.0, 1.0)
-            pixels = render_heatmap(image, heat, legend_width=28)
-        else:
-            pixels = np.repeat(np.round(image * 255).astype(np.uint8)[..., None], 3, axis=-1)
+    picture = item.picture
+    if picture is not None:
+        height, width = picture.shape[:2]
+        shown = Image.fromarray(picture).resize((round(width * IMAGE_SIDE / height), IMAGE_SIDE),
+                                                Image.Resampling.BILINEAR)
         left = 20
-        canvas.paste(Image.fromarray(pixels), (left, BAND))
+        canvas.paste(shown, (left, BAND))
         if item.heatmap is not None:
-            x = left + pixels.shape[1] + 8
+            x = left + shown.width + 8
             draw.text((x, BAND), "high", fill=WHITE, font=_font(20))
             draw.text((x, BAND + IMAGE_SIDE - 24), "low", fill=WHITE, font=_font(20))
     return np.asarray(canvas, dtype=np.uint8)
@@ -222,18 +229,20 @@ def build_summary(item: SummaryInput, created: datetime | None = None) -> Datase
 
 
 def png_bytes(pixels: np.ndarray) -> bytes:
-    """``pixels`` (uint8 gray (H, W) or RGB (H, W, 3)) as PNG."""
+    """``pixels`` (uint8 gray (H, W) or RGB (H, W, 3)) as PNG (fast compression)."""
     out = io.BytesIO()
-    Image.fromarray(pixels).save(out, format="PNG", optimize=False)
+    Image.fromarray(pixels).save(out, format="PNG", compress_level=1)
     return out.getvalue()
 
 
-def previews(network_input: np.ndarray, heatmap: np.ndarray | None) -> dict[str, bytes]:
-    """The worklist page's pictures: ``input`` (the network input in gray) and, when there is a
-    heatmap, ``heatmap`` (drawn over it with its legend), at the network's resolution."""
-    gray = np.round(np.clip(network_input, 0.0, 1.0) * 255).astype(np.uint8)
+def previews(item: SummaryInput) -> dict[str, bytes]:
+    """The worklist page's pictures at the network's resolution: ``input`` (the network input
+    in gray) and, when there is a heatmap, ``heatmap`` (drawn over it, with its legend)."""
+    if item.network_input is None:
+        return {}
+    gray = np.round(np.clip(item.network_input, 0.0, 1.0) * 255).astype(np.uint8)
     out = {"input": png_bytes(gray)}
-    if heatmap is not None:
-        out["heatmap"] = png_bytes(render_heatmap(network_input, heatmap))
+    if item.heatmap is not None and item.picture is not None:
+        out["heatmap"] = png_bytes(item.picture)
     return out
 

@@ -152,6 +152,8 @@ class _Image:
     probability: float | None = None
     inference_s: float = 0.0
     """This image's share of its batch's network time."""
+    activations: np.ndarray | None = None
+    """The explained layer's output, kept from the prediction until the heatmap is made."""
     heatmap: np.ndarray | None = None
     """Grad-CAM of the image a summary shows (its job's highest-scoring one)."""
     heatmap_problem: str | None = None
@@ -360,9 +362,16 @@ class Worker:
         """Predict one chunk. When the network raises on a chunk of several images, each is tried
         alone, so only the job of the image that raises fails; the others keep their scores."""
         started = time.perf_counter()
+        explainer = self.explainer() if self.config.summary.enabled else None
+        activations: np.ndarray | None = None
         try:
-            probabilities = self.predictor.predict(
-                np.stack([img.array for img in chunk if img.array is not None]))
+            batch = np.stack([img.array for img in chunk if img.array is not None])
+            if isinstance(explainer, GradCam):
+                # One forward pass gives the scores and what the heatmaps need.
+                outputs, activations = explainer.predict(batch)
+                probabilities = outputs[:, self.predictor.positive_index].astype(np.float64)
+            else:
+                probabilities = self.predictor.predict(batch)
         except Exception as e:  # noqa: BLE001 - the chunk's boundary: isolate the culprit, keep the rest
             if len(chunk) == 1:
                 (img,) = chunk
@@ -375,7 +384,7 @@ class Worker:
                     self._predict([img], failures)
             return
         share = (time.perf_counter() - started) / len(chunk)
-        for img, p in zip(chunk, probabilities, strict=True):
+        for i, (img, p) in enumerate(zip(chunk, probabilities, strict=True)):
             if not np.isfinite(p):  # a broken network or input: never a score in an SR
                 failures.setdefault(img.job.job_id, (JobFailure(
                     FailureReason.INFERENCE_ERROR, False,
@@ -384,6 +393,8 @@ class Worker:
                 continue
             img.probability = float(p)
             img.inference_s = share
+            if activations is not None:
+                img.activations = activations[i]
 
     def explainer(self) -> GradCam | str:
         """Grad-CAM for the loaded model, or why there is none (made once)."""
@@ -397,9 +408,10 @@ class Worker:
 
     def _explain(self, ready: list[_Image],
                  failures: dict[int, tuple[JobFailure, BaseException | None]]) -> None:
-        """Grad-CAM, in batches, of each job's highest-scoring image (the one its summary shows);
-        the other images' arrays are dropped. A failure leaves those images without a heatmap
-        and a reason, never fails a job: the SR does not depend on it."""
+        """Grad-CAM, in batches, of each job's highest-scoring image (the one its summary shows),
+        from the activations its prediction kept; the other images' arrays and activations are
+        dropped. A failure leaves those images without a heatmap and a reason, never fails a
+        job: the SR does not depend on it."""
         top: dict[int, _Image] = {}
         for img in ready:
             if img.probability is None or img.job.job_id in failures:
@@ -411,7 +423,7 @@ class Worker:
         kept = {id(img) for img in chosen}
         for img in ready:
             if id(img) not in kept:
-                img.array = None
+                img.array = img.activations = None
         explainer = self.explainer()
         batch_size = self.config.worker.batch_size
         for start in range(0, len(chosen), batch_size):
@@ -421,7 +433,12 @@ class Worker:
                     img.heatmap_problem = explainer
                 continue
             try:
-                maps = explainer(np.stack([img.array for img in chunk if img.array is not None]))
+                if all(img.activations is not None for img in chunk):
+                    maps = explainer.from_activations(
+                        np.stack([img.activations for img in chunk if img.activations is not None]),
+                        explainer.input_shape[:2])
+                else:
+                    maps = explainer(np.stack([img.array for img in chunk if img.array is not None]))
             except Exception as e:  # noqa: BLE001 - the heatmap's boundary: the summary says so
                 log.warning("heatmap_failed", images=len(chunk), error=describe(e),
                             exception=traceback_text(e))
@@ -430,6 +447,7 @@ class Worker:
                 continue
             for img, heat in zip(chunk, maps, strict=True):
                 img.heatmap = heat
+                img.activations = None
 
     def _finish(self, job: jobs.ClaimedJob, items: list[jobs.JobInput], images: list[_Image]) -> None:
         with structlog.contextvars.bound_contextvars(study_uid=job.study_uid, job_id=job.job_id):
@@ -500,7 +518,9 @@ class Worker:
         stage.reason = FailureReason.SR_WRITE_FAILED
         relative = f"sr/{job.study_uid}/{sr.SOPInstanceUID}.dcm"
         written = write_once(self.spool.absolute(relative), buffer.getvalue())
+        summary_started = time.perf_counter()
         summary = self._summary(job, images, outcomes, study_p, key, previous_summary)
+        summary_s = time.perf_counter() - summary_started
         stage.reason = FailureReason.DATABASE_ERROR
         priority = priority_for(study_p, manifest)
         record = jobs.ResultRecord(
@@ -528,7 +548,8 @@ class Worker:
                  probability=None if study_p is None else round(study_p, 4), priority=priority.value,
                  scored=len(scored), refused=len(outcomes) - len(scored), model=manifest.label,
                  sr=str(sr.SOPInstanceUID), sr_file="written" if written else "kept",
-                 summary=summary.sop_instance_uid, summary_reason=summary.reason)
+                 summary=summary.sop_instance_uid, summary_reason=summary.reason,
+                 summary_ms=round(summary_s * 1000, 1))
         return None
 
     def _summary(self, job: jobs.ClaimedJob, images: list[_Image], outcomes: list[ImageOutcome],
@@ -566,7 +587,7 @@ class Worker:
             write_once(self.spool.absolute(path), buffer.getvalue())
             pictures: dict[str, str] = {}
             if network_input is not None and shown is not None:
-                for name, data in previews(network_input, shown.heatmap).items():
+                for name, data in previews(item).items():
                     pictures[name] = f"previews/{job.study_uid}/{uid}/{name}.png"
                     write_once(self.spool.absolute(pictures[name]), data)
         except Exception as e:  # noqa: BLE001 - the summary's boundary: recorded, the SR goes on

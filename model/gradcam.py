@@ -78,7 +78,11 @@ def grad_cam(model: keras.Model, batch: np.ndarray, layer_name: str | None = Non
 
 
 class GradCam:
-    """:func:`grad_cam` for one model, split once (the worker explains every batch with it)."""
+    """:func:`grad_cam` for one model, split once (the worker explains every batch with it).
+
+    :meth:`predict` gives the model's output together with the explained layer's activations
+    in the one forward pass a prediction needs anyway; :meth:`from_activations` then costs only
+    the head's backward pass, so a heatmap adds little to scoring."""
 
     def __init__(self, model: keras.Model, layer_name: str | None = None,
                  class_index: int | None = None) -> None:
@@ -99,19 +103,35 @@ class GradCam:
         self.layer_name = name
         self.input_shape = tuple(model.input_shape[1:])
         self.features, self.head, self.score = _split(model, layer, index)
+        inputs = model.inputs[0] if len(model.inputs) == 1 else model.inputs
+        self.joint = keras.Model(inputs, [layer.output, model.output], name=f"{model.name}_joint")
 
-    def __call__(self, batch: np.ndarray) -> np.ndarray:
+    def _check(self, batch: np.ndarray) -> np.ndarray:
         if batch.ndim != 4 or tuple(batch.shape[1:]) != self.input_shape:
             raise ValueError(f"batch shape {batch.shape} does not match "
                              f"(n, {', '.join(map(str, self.input_shape))})")
-        activations = self.features(batch.astype(np.float32, copy=False), training=False)
+        return batch.astype(np.float32, copy=False)
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        activations = self.features(self._check(batch), training=False)
+        return self.from_activations(activations, batch.shape[1:3])
+
+    def predict(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(the model's output, the explained layer's activations) for ``batch``, one forward
+        pass (``predict_on_batch``, as :class:`model.predictor.Predictor`)."""
+        activations, output = self.joint.predict_on_batch(self._check(batch))
+        return np.asarray(output), np.asarray(activations)
+
+    def from_activations(self, activations: Any, size: tuple[int, int]) -> np.ndarray:
+        """Grad-CAM maps, (n, *size) float32 in [0, 1], from the explained layer's activations
+        (from :meth:`predict`): the head's backward pass only."""
         gradients = _GRADIENTS[self.backend](self.head, self.score, activations)
         acts = np.asarray(keras.ops.convert_to_numpy(activations), dtype=np.float64)
         weights = np.asarray(gradients, dtype=np.float64).mean(axis=(1, 2), keepdims=True)
         cams = np.maximum((weights * acts).sum(axis=-1), 0.0)
         peaks = cams.max(axis=(1, 2), keepdims=True)
         cams = np.divide(cams, peaks, out=np.zeros_like(cams), where=peaks > 0)
-        height, width = batch.shape[1:3]
+        height, width = size
         return np.stack([np.clip(resize(c, (height, width), order=1, mode="edge",
                                         anti_aliasing=False), 0.0, 1.0)
                          for c in cams]).astype(np.float32)

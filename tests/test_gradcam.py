@@ -15,7 +15,7 @@ import pytest
 from scipy.ndimage import gaussian_filter
 
 from model.bundle import load_bundle
-from model.gradcam import default_layer_name, grad_cam, positive_index_of
+from model.gradcam import GradCam, default_layer_name, grad_cam, positive_index_of
 from model.heatmap_render import LEGEND_GAP, render_heatmap, viridis
 from tests.conftest import REPO
 
@@ -127,6 +127,19 @@ def test_a_batch_gives_the_same_heatmaps_as_one_image_at_a_time(trained: Trained
     alone = np.concatenate([grad_cam(trained.model, image[None]) for image in batch])
     np.testing.assert_allclose(together, alone, atol=1e-4)
     assert not np.allclose(together[0], together[1], atol=0.05)  # each image has its own map
+
+
+def test_scoring_pass_activations_give_the_same_heatmaps_and_scores(trained: Trained) -> None:
+    """The worker's path: one forward pass for the scores and the activations, then only the
+    head's backward pass; the same scores as the model and the same maps as grad_cam."""
+    batch = trained.positives.images[:6]
+    explainer = GradCam(trained.model)
+    outputs, activations = explainer.predict(batch)
+    np.testing.assert_allclose(outputs, np.asarray(trained.model.predict_on_batch(batch)), atol=1e-5)
+    maps = explainer.from_activations(activations, (SIZE, SIZE))
+    np.testing.assert_allclose(maps, grad_cam(trained.model, batch), atol=1e-4)
+    with pytest.raises(ValueError, match="does not match"):
+        explainer.predict(batch[:, :-1])
 
 
 def test_default_layer_is_the_last_conv_block_and_bad_layers_are_named(trained: Trained) -> None:
