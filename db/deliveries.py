@@ -218,7 +218,7 @@ def result_message(session: Session, delivery_id: int) -> ResultMessage:
 
 
 def resend(session: Session, study_uid: str, now: datetime, actor: str) -> int:
-    """Re-queue the deliveries (SR and HL7) of a study's latest result; returns how many. An
+    """Re-queue the deliveries (SR, summary image, HL7) of a study's latest result; returns how many. An
     HL7 message keeps its message control ID: the RIS sees the same message again."""
     result_id = session.scalar(
         sa.select(Result.id).join(Study, Study.id == Result.study_id)
