@@ -172,7 +172,7 @@ class Result(Base):
     sr_sop_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
     sr_series_uid: Mapped[str] = mapped_column(UID)
     sr_path: Mapped[str] = mapped_column(sa.String(255))
-    summary_sop_instance_uid: Mapped[str | None] = mapped_column(UID, unique=True)
+    summary_sop_instance_uid: Mapped[str | None] = mapped_column(UID, unique=True, index=True)
     """The summary Secondary Capture made from this result; NULL when none was made (the
     reason is in ``detail["summary"]["reason"]``)."""
     summary_path: Mapped[str | None] = mapped_column(sa.String(255))

@@ -112,7 +112,8 @@ def test_study_pushed_by_storescu_arrives_at_the_pacs_as_one_valid_sr(
     assert summary.StudyInstanceUID == sr.StudyInstanceUID
     pa_header = pydicom.dcmread(pa, stop_before_pixels=True)
     assert summary.SourceImageSequence[0].ReferencedSOPInstanceUID == pa_header.SOPInstanceUID
-    assert summary.PatientID == pa_header.PatientID  # filed under the patient by the PACS
+    for keyword in ("PatientID", "PatientName", "StudyID", "AccessionNumber"):  # filed as the image
+        assert summary.get(keyword, "") == pa_header.get(keyword, ""), keyword
     pa_uid = pydicom.dcmread(pa, stop_before_pixels=True).SOPInstanceUID
     lateral_uid = pydicom.dcmread(lateral, stop_before_pixels=True).SOPInstanceUID
     assert sr.StudyInstanceUID == pydicom.dcmread(pa, stop_before_pixels=True).StudyInstanceUID

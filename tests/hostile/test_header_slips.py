@@ -124,11 +124,17 @@ def test_a_study_with_header_slips_gets_one_valid_sr_and_no_channel_shows_patien
 
     jobs = db.jobs()
     assert all(state == JobState.DONE for state, *_ in jobs.values()) and len(jobs) == 3
-    srs = [p for p in pacs.folder.iterdir() if p.is_file()]
+    srs = pacs.srs()
     by_study = {str(pydicom.dcmread(p).StudyInstanceUID): p for p in srs}
     assert len(srs) == 3 and set(by_study) == set(jobs)
     sr_path = by_study[slipped.StudyInstanceUID]
     assert _errors(sr_path) == []
+    # The summary images are made from the same sanitised header: valid, and repaired alike.
+    summaries = {str(pydicom.dcmread(p).StudyInstanceUID): p for p in pacs.summaries()}
+    assert set(summaries) == set(jobs)
+    assert _errors(summaries[slipped.StudyInstanceUID]) == []
+    summary = pydicom.dcmread(summaries[slipped.StudyInstanceUID])
+    assert summary.PatientBirthDate == "19020304" and summary.PatientName == ""
     sr = pydicom.dcmread(sr_path)
     assert sr.PatientBirthDate == "19020304" and sr.PatientSex == "M"  # repaired, certain
     assert sr.StudyTime == "123005" and sr.PatientName == ""  # two names: dropped
