@@ -14,6 +14,8 @@ and ``SET TRANSACTION READ ONLY`` on PostgreSQL. Reading never blocks receiving.
 
 from __future__ import annotations
 
+import sqlite3
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -61,7 +63,7 @@ def create_db_engine(url: str, busy_timeout_ms: int = 10_000) -> Engine:
         # Let SQLAlchemy, not the driver, decide where transactions begin.
         dbapi_conn.isolation_level = None
         cur = dbapi_conn.cursor()
-        cur.execute("PRAGMA journal_mode=WAL")
+        _set_wal(cur, busy_timeout_ms / 1000)
         cur.execute("PRAGMA synchronous=FULL")
         cur.execute("PRAGMA foreign_keys=ON")
         cur.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
@@ -77,6 +79,21 @@ def create_db_engine(url: str, busy_timeout_ms: int = 10_000) -> Engine:
             conn.exec_driver_sql("BEGIN IMMEDIATE")
 
     return engine
+
+
+def _set_wal(cur: Any, timeout_s: float) -> None:
+    """``PRAGMA journal_mode=WAL``, retried while the database is locked. SQLite answers a
+    journal mode change on a new database that another connection is writing (processes
+    starting together, one migrating) with SQLITE_BUSY at once, without its busy handler."""
+    deadline = time.monotonic() + max(timeout_s, 1.0)
+    while True:
+        try:
+            cur.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.02)
 
 
 def display_url(engine: Engine) -> str:
