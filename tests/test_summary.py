@@ -284,3 +284,49 @@ def test_odd_images_give_a_readable_summary_or_a_recorded_reason(tmp_path: Path,
                 assert detail["input_png"] is None
             else:
                 assert result.probability is not None and detail["heatmap_png"], name
+
+
+def test_migration_0006_keeps_existing_results_and_goes_back(database_url: str) -> None:
+    """A database at 0005 with a result and its delivery: upgraded, the result has no summary;
+    a summary delivery can be added; downgraded to 0005, the summary deliveries go and the rest
+    stays; upgraded again."""
+    from alembic import command
+
+    from db import migrate
+    from db.engine import create_db_engine
+
+    engine = create_db_engine(database_url)
+    cfg = migrate._alembic_config()
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0005")
+    t = {"t": datetime(2026, 12, 1, 12, 0)}
+    with engine.begin() as conn:
+        conn.execute(sa.text("INSERT INTO studies (id, study_uid, state, revision, first_received_at,"
+                             " last_received_at) VALUES (1, '1.2.3', 'complete', 1, :t, :t)"), t)
+        conn.execute(sa.text("INSERT INTO jobs (id, study_id, study_revision, state, created_at,"
+                             " updated_at, attempts) VALUES (1, 1, 1, 'done', :t, :t, 1)"), t)
+        conn.execute(sa.text(
+            "INSERT INTO results (id, job_id, study_id, study_revision, model_name, model_version,"
+            " model_validated, threshold, priority, sr_sop_instance_uid, sr_series_uid, sr_path,"
+            " detail, created_at) VALUES (1, 1, 1, 1, 'm', '1', false, 0.5, 'routine', '2.25.1',"
+            " '2.25.2', 'sr/x.dcm', '{}', :t)"), t)
+        conn.execute(sa.text("INSERT INTO deliveries (result_id, destination, kind, state, attempts,"
+                             " next_attempt_at, created_at) VALUES (1, 'pacs', 'sr', 'delivered', 1,"
+                             " :t, :t)"), t)
+    assert migrate.upgrade(engine) == ("0005", migrate.head_revision())
+    with engine.begin() as conn:
+        assert conn.execute(sa.text("SELECT summary_path FROM results")).scalar() is None
+        conn.execute(sa.text("UPDATE results SET summary_sop_instance_uid = '2.25.3', "
+                             "summary_path = 'summary/x.dcm'"))
+        conn.execute(sa.text("INSERT INTO deliveries (result_id, destination, kind, state, attempts,"
+                             " next_attempt_at, created_at) VALUES (1, 'pacs', 'summary', 'pending',"
+                             " 0, :t, :t)"), t)
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.downgrade(cfg, "0005")
+    with engine.begin() as conn:
+        assert conn.execute(sa.text("SELECT kind FROM deliveries")).scalars().all() == ["sr"]
+        assert "summary_path" not in {c["name"] for c in sa.inspect(conn).get_columns("results")}
+    assert migrate.upgrade(engine) == ("0005", migrate.head_revision())
+    engine.dispose()
