@@ -32,6 +32,9 @@ def test_config_is_frozen() -> None:
         config.receiver.port = 1  # type: ignore[misc]
 
 
+DEST = '[[destinations]]\nname = "p"\nhost = "h"\ncalled_ae = "P"\n'
+
+
 @pytest.mark.parametrize(("toml", "message"), [
     ("[receiver]\nport = \"eleven\"", "receiver.port = 'eleven': expected an integer"),
     ("[receiver]\nport = 70000", "receiver.port = 70000: expected an integer from 1 to 65535"),
@@ -46,6 +49,11 @@ def test_config_is_frozen() -> None:
     ("[logging]\nlevel = \"loud\"", "logging.level = 'loud': expected one of"),
     ("[receiver]\naccept_any_storage_class = \"yes\"", "expected true or false"),
     ("[receiver\nport = 1", "is not valid TOML"),
+    (DEST + "send = [\"sr\", \"pdf\"]",
+     "destinations[0].send = ['sr', 'pdf']: expected a non-empty list of distinct values from"),
+    (DEST + "send = []", "destinations[0].send = []: expected a non-empty list"),
+    (DEST + "send = [\"sr\", \"sr\"]", "destinations[0].send = ['sr', 'sr']"),
+    ("[summary]\nenabled = \"yes\"", "expected true or false"),
 ])
 def test_bad_values_name_the_key_the_value_and_what_is_accepted(tmp_path: Path, toml: str,
                                                                  message: str) -> None:

@@ -161,10 +161,15 @@ def test_an_unsupported_backend_is_refused_by_name(trained: Trained, monkeypatch
 
 _JAX_SCRIPT = """
 import sys, numpy as np, keras
-from model.gradcam import grad_cam
+from model.gradcam import GradCam, grad_cam
 assert keras.backend.backend() == "jax", keras.backend.backend()
 model = keras.saving.load_model(sys.argv[1], compile=False)
-np.save(sys.argv[3], grad_cam(model, np.load(sys.argv[2])))
+x = np.load(sys.argv[2])
+np.save(sys.argv[3], grad_cam(model, x))
+explainer = GradCam(model)  # the worker's path: scores and activations in one pass
+outputs, activations = explainer.predict(x)
+np.save(sys.argv[4], explainer.from_activations(activations, x.shape[1:3]))
+np.save(sys.argv[5], outputs)
 """
 
 
@@ -174,12 +179,16 @@ def test_jax_gives_the_tensorflow_heatmaps_for_the_same_weights(trained: Trained
     trained.model.save(tmp_path / "m.keras")
     np.save(tmp_path / "x.npy", images)
     proc = subprocess.run([sys.executable, "-c", _JAX_SCRIPT, str(tmp_path / "m.keras"),
-                           str(tmp_path / "x.npy"), str(tmp_path / "jax.npy")], cwd=REPO,
+                           str(tmp_path / "x.npy"), str(tmp_path / "jax.npy"),
+                           str(tmp_path / "worker.npy"), str(tmp_path / "outputs.npy")], cwd=REPO,
                           capture_output=True, text=True, timeout=300,
                           env={**os.environ, "KERAS_BACKEND": "jax"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     under_jax = np.load(tmp_path / "jax.npy")
     np.testing.assert_allclose(under_jax, grad_cam(trained.model, images), atol=1e-3)
+    np.testing.assert_allclose(np.load(tmp_path / "worker.npy"), under_jax, atol=1e-4)
+    np.testing.assert_allclose(np.load(tmp_path / "outputs.npy"),
+                               np.asarray(trained.model.predict_on_batch(images)), atol=1e-4)
 
 
 def test_runs_on_the_real_xception(demo_bundle: Path) -> None:
