@@ -4,10 +4,11 @@
     python -m bench.ingest --database postgres [--receivers 1,2,4] ...
 
 Pushes the same files (512x512 and 2500x2048 16-bit DX) over one association
-and over 4 parallel ones, to (a) `storescp` writing to disk (no fsync) and
-(b) `opacityd serve` (fsync + rename + dir fsync + one SQLite commit per
-instance). Prints instances/s, MB/s and the opacityd/storescp ratio, and
-checks that opacityd holds every acknowledged instance.
+and over 4 parallel ones, to (a) `storescp` writing to disk (no fsync), (b) a
+pynetdicom SCP that discards, (c) Orthanc (Debian's, default durable storage)
+and (d) `opacityd serve` (fsync + rename + dir fsync + one SQLite commit per
+instance). Prints instances/s, MB/s and opacityd's ratio to each, checks that
+opacityd holds every acknowledged instance, and ends with one JSON line.
 
 With ``--database postgres`` (a throwaway PostgreSQL 15 cluster, as the tests start it), it
 runs the same pushes into opacityd on PostgreSQL and on SQLite (ratio PostgreSQL/SQLite),
@@ -127,6 +128,24 @@ def run_null_scp(files: list[Path], associations: int, megabytes: float) -> Run:
     port = free_port()
     argv = [sys.executable, "-m", "bench.null_scp", str(port)]
     return _run_reference("pynetdicom-null", argv, "NULLSCP", port, files, associations, megabytes)
+
+
+ORTHANC = "/usr/sbin/Orthanc"
+
+
+def run_orthanc(workdir: Path, files: list[Path], associations: int, megabytes: float) -> Run:
+    """Orthanc from Debian with its default (durable) storage: files and its SQLite index in a
+    fresh folder, nothing turned off; a third reference beside storescp and the null SCP."""
+    folder = workdir / "orthanc"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    port = free_port()
+    config = {"Name": "bench", "StorageDirectory": str(folder / "storage"),
+              "IndexDirectory": str(folder / "index"), "DicomAet": "ORTHANC", "DicomPort": port,
+              "HttpPort": free_port(), "RemoteAccessAllowed": False, "Plugins": []}
+    (folder / "orthanc.json").write_text(json.dumps(config))
+    return _run_reference("orthanc", [ORTHANC, str(folder / "orthanc.json")], "ORTHANC", port, files,
+                          associations, megabytes)
 
 
 def _demo_bundle(workdir: Path) -> Path:
@@ -257,30 +276,49 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"bench": "ingest", "database": "postgres", "files": len(files),
                           "lost": lost, **headline}))
         return 1 if lost else 0
-    results: list[tuple[Run, Run, Run]] = []
+    orthanc = Path(ORTHANC).exists()
+    results: list[tuple[Run, Run, Run | None, Run]] = []
     for associations in (1, 4):
         for i in range(args.repeat):
-            _progress(f"[{associations} assoc, run {i + 1}/{args.repeat}] storescp ...")
+            step = f"[{associations} assoc, run {i + 1}/{args.repeat}]"
+            _progress(f"{step} storescp ...")
             ref = run_storescp(args.workdir, files, associations, megabytes)
-            _progress(f"[{associations} assoc, run {i + 1}/{args.repeat}] pynetdicom null SCP ...")
+            _progress(f"{step} pynetdicom null SCP ...")
             floor = run_null_scp(files, associations, megabytes)
-            _progress(f"[{associations} assoc, run {i + 1}/{args.repeat}] opacityd serve ...")
+            other = None
+            if orthanc:
+                _progress(f"{step} Orthanc ...")
+                other = run_orthanc(args.workdir, files, associations, megabytes)
+            _progress(f"{step} opacityd serve ...")
             ours = run_opacityd(args.workdir, files, associations, megabytes)
-            results.append((ref, floor, ours))
+            results.append((ref, floor, other, ours))
     print(f"\ningest: {len(files)} files ({args.small} x 512x512, {args.large} x 2500x2048, 16-bit), "
           f"{megabytes:.0f} MB, pushed by DCMTK storescu")
     print(f"{'assoc':>5}  {'storescp f/s':>12} {'MB/s':>5}  {'pynetdicom-null f/s':>19}  "
-          f"{'opacityd f/s':>12} {'MB/s':>5}  {'vs storescp':>11}  {'vs null':>7}  acked/held")
+          f"{'orthanc f/s':>11}  {'opacityd f/s':>12} {'MB/s':>5}  {'vs storescp':>11}  "
+          f"{'vs null':>7}  {'vs orthanc':>10}  acked/held")
     lost = 0
-    for ref, floor, ours in results:
+    rows = []
+    for ref, floor, other, ours in results:
         held = ours.held if ours.held is not None else -1
         lost += max(0, ours.acked - held)
+        vs_orthanc = ours.rate / other.rate if other is not None else float("nan")
         print(f"{ours.associations:>5}  {ref.rate:>12.1f} {ref.mbps:>5.0f}  {floor.rate:>19.1f}  "
+              f"{other.rate if other is not None else float('nan'):>11.1f}  "
               f"{ours.rate:>12.1f} {ours.mbps:>5.0f}  {ours.rate / ref.rate:>11.2f}  "
-              f"{ours.rate / floor.rate:>7.2f}  {ours.acked}/{held}")
+              f"{ours.rate / floor.rate:>7.2f}  {vs_orthanc:>10.2f}  {ours.acked}/{held}")
+        rows.append({"associations": ours.associations, "storescp_fps": round(ref.rate, 1),
+                     "null_fps": round(floor.rate, 1),
+                     "orthanc_fps": round(other.rate, 1) if other is not None else None,
+                     "opacityd_fps": round(ours.rate, 1),
+                     "vs_storescp": round(ours.rate / ref.rate, 3),
+                     "vs_orthanc": round(vs_orthanc, 3) if other is not None else None})
     print("storescp (--fork) writes without fsync; pynetdicom-null acknowledges and discards; "
-          "opacityd fsyncs file and folder and commits a row before each success.")
+          "Orthanc stores with its default (durable) settings; opacityd fsyncs file and folder "
+          "and commits a row before each success.")
     print(f"acknowledged but not held by opacityd: {lost}")
+    print(json.dumps({"bench": "ingest", "database": "sqlite", "files": len(files), "lost": lost,
+                      "runs": rows}))
     return 1 if lost else 0
 
 
