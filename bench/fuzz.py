@@ -19,6 +19,7 @@ The short, fixed-seed run in tests/test_fuzz.py calls :func:`fuzz` with a small 
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import socket
 import struct
@@ -278,6 +279,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"fuzz seed {args.seed}: {args.datasets} data sets, {args.pdus} PDUs from "
           f"{len(sources)} files (Part 10 ones) in {time.monotonic() - started:.0f} s")
     print(report.summary())
+    print(json.dumps({"bench": "fuzz", "seed": args.seed, "datasets": args.datasets,
+                      "pdus": args.pdus, "seconds": round(time.monotonic() - started, 1),
+                      "findings": len(report.findings)}))
     return 1 if report.findings else 0
 
 

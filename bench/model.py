@@ -16,6 +16,7 @@ Without --bundle an untrained demo bundle at 299 px is created in the workdir
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import sys
@@ -138,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print("\nend to end (files -> probabilities, batch 8, "
           f"{args.threads} preprocessing threads overlapping inference):")
+    end_to_end = {}
     for label, paths in sets.items():
         _progress(f"end to end {label} ...")
         started = time.perf_counter()
@@ -152,8 +154,15 @@ def main(argv: list[str] | None = None) -> int:
             if ready:
                 predictor.predict(np.stack(ready))
         rate = len(paths) / (time.perf_counter() - started)
+        end_to_end[label] = rate
         print(f"  {label:<30} {rate:6.1f}/s   bare network {net_rates[8]:6.1f}/s   "
               f"ratio {rate / net_rates[8]:.2f}")
+    print(json.dumps({"bench": "model", "device": predictor.device, "input_size": size,
+                      "images": args.images,
+                      "network_images_per_s": {str(b): round(r, 2) for b, r in net_rates.items()},
+                      "preprocess_ms": {k: round(1000 / r, 1) for k, r in pre_rates.items()},
+                      "end_to_end_vs_bare": {k: round(r / net_rates[8], 3)
+                                             for k, r in end_to_end.items()}}))
     return 0
 
 

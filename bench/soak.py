@@ -284,6 +284,15 @@ def main(argv: list[str] | None = None) -> int:
     lost = sorted(set(missing) | set(not_held))
     print("nothing lost" if not lost else f"LOST: {len(lost)} acknowledged studies are not held "
           f"or have neither an SR nor a recorded failure")
+    print(json.dumps({
+        "bench": "soak", "minutes": args.minutes, "rate": args.rate, "chaos": bool(args.chaos),
+        "acknowledged": len(released), "refused": len(refused), "scored": scored,
+        "deliveries": dict(by_state), "srs_at_pacs": len(copies),
+        "worker_kills": kills.count("worker"), "serve_kills": kills.count("serve"),
+        "studies_with_two_srs": len(two_results), "srs_received_twice": len(received_twice),
+        "p50_s": round(float(np.percentile(latencies, 50)), 2) if len(latencies) else None,
+        "p95_s": round(float(np.percentile(latencies, 95)), 2) if len(latencies) else None,
+        "peak_rss_mb": {k: round(v) for k, v in peak.items()}, "lost": len(lost)}))
     return 0 if not lost and not two_results else 1
 
 

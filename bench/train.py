@@ -21,6 +21,7 @@ folder (``--out``, default the current directory's file system).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import sys
@@ -115,10 +116,12 @@ def main() -> int:
     print("| phase | pipeline images/s | bare train_on_batch images/s | pipeline / bare |")
     print("|---|---|---|---|")
     commits = {}
+    rates = {}
     for phase in (1, 2):
         with precision(policy):
             pipeline, bare, commits[phase] = measure(phase, args.input_size, args.batch, args.steps,
                                                      args.out, args.workers)
+        rates[phase] = (pipeline, bare)
         print(f"| {phase} ({'base frozen' if phase == 1 else 'all trainable'}) | {pipeline:.2f} | "
               f"{bare:.2f} | {pipeline / bare:.2f} |", flush=True)
     print("\n| phase | epoch commit s (weights + optimizer + best model, fsynced) | "
@@ -126,6 +129,13 @@ def main() -> int:
     print("|---|---|---|---|")
     for phase, (commit, plain) in commits.items():
         print(f"| {phase} | {commit:.2f} | {plain:.2f} | {commit / plain:.2f} |")
+    print(json.dumps({"bench": "train", "backend": keras.backend.backend(), "device": describe_device(),
+                      "precision": str(policy), "input_size": args.input_size, "batch": args.batch,
+                      "phases": {str(phase): {"pipeline_images_per_s": round(pipe, 3),
+                                              "bare_images_per_s": round(bare_rate, 3),
+                                              "commit_s": round(commits[phase][0], 3),
+                                              "plain_save_s": round(commits[phase][1], 3)}
+                                 for phase, (pipe, bare_rate) in rates.items()}}))
     return 0
 
 
