@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import re
 import signal
 import socket
@@ -52,10 +53,36 @@ def shared_dicom() -> Path:
     return DICOM_DIR
 
 
+_HANDED_OUT: set[int] = set()
+
+
+def _ephemeral_floor() -> int:
+    """The lowest port the kernel gives to outgoing connections (32768 by default)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A loopback port nobody listens on, below the kernel's ephemeral range and never handed
+    out before in this process. A port taken from the ephemeral range (bind to 0) could be
+    given meanwhile to one of the many client connections the tests make (storescu, psycopg),
+    or twice in a row, and the daemon's listen then fails with EADDRINUSE (seen once in CI)."""
+    rng = random.Random()
+    low, high = 20000, _ephemeral_floor() - 1
+    for _ in range(200):
+        port = rng.randint(low, high)
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
+    raise RuntimeError(f"no free loopback port found between {low} and {high}")
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float = 20.0, interval: float = 0.05,
