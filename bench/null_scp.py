@@ -14,7 +14,7 @@ import sys
 from pynetdicom import AE, evt
 from pynetdicom.events import Event
 
-from daemon.receiver import CHEST_STORAGE_CLASSES, TRANSFER_SYNTAXES
+from daemon.dicom.receiver import CHEST_STORAGE_CLASSES, TRANSFER_SYNTAXES
 
 
 def _discard(_event: Event) -> int:

@@ -11,8 +11,8 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from daemon.config import Config
+from daemon.dicom.sender import send_due
 from daemon.retention import purge_job
-from daemon.sender import send_due
 from daemon.spool import Spool
 from db import queue
 from db.engine import unit_of_work

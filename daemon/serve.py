@@ -33,18 +33,18 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from daemon.config import Config
+from daemon.dicom.receiver import Receiver
+from daemon.dicom.transport import slots_check
 from daemon.disk import DiskGuard
 from daemon.exceptions import SpoolError
-from daemon.health import Check, Health, all_ok, ready_marker
-from daemon.http_api import HttpApi
-from daemon.metrics import Metrics
 from daemon.output import emit
-from daemon.receiver import Receiver
-from daemon.report import with_threshold_overrides
+from daemon.results.report import with_threshold_overrides
 from daemon.scheduler import build_scheduler
 from daemon.spool import Spool
 from daemon.systemd import notify, watchdog_interval_s
-from daemon.transport import slots_check
+from daemon.web.health import Check, Health, all_ok, ready_marker
+from daemon.web.http_api import HttpApi
+from daemon.web.metrics import Metrics
 from db import jobs, migrate
 from db.engine import check_reachable, create_db_engine, display_url, make_session_factory, unit_of_work
 from model.errors import BundleError

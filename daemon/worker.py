@@ -42,8 +42,8 @@ from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from daemon.config import Config
-from daemon.health import ready_marker
-from daemon.report import (
+from daemon.dicom.sanitize import Repair, sanitized
+from daemon.results.report import (
     ImageOutcome,
     build_sr,
     priority_for,
@@ -52,9 +52,9 @@ from daemon.report import (
     study_probability,
     with_threshold_overrides,
 )
-from daemon.sanitize import Repair, sanitized
+from daemon.results.summary import SummaryInput, build_summary, previews
 from daemon.spool import TEMP_SUFFIX, Spool
-from daemon.summary import SummaryInput, build_summary, previews
+from daemon.web.health import ready_marker
 from db import jobs
 from db.engine import check_reachable, create_db_engine, make_session_factory, read_only, unit_of_work
 from db.jobs import FailureReason

@@ -21,7 +21,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from daemon.config import Config, load_config
-from daemon.receiver import Receiver
+from daemon.dicom.receiver import Receiver
 from daemon.scheduler import build_scheduler
 from daemon.spool import Spool
 from db import migrate

@@ -9,7 +9,7 @@ import pytest
 from pydicom.dataset import Dataset
 
 from daemon.config import EligibilityConfig
-from daemon.eligibility import Reason, classify
+from daemon.dicom.eligibility import Reason, classify
 from tests.factories import make_dx
 
 CFG = EligibilityConfig()

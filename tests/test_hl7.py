@@ -18,10 +18,10 @@ import structlog
 from structlog.testing import capture_logs
 
 from daemon.config import HL7_VERSIONS, HL7DestinationConfig, load_config
+from daemon.dicom.sender import DeliveryReason, send_due
 from daemon.exceptions import ConfigError
 from daemon.results.exceptions import MessageNotBuilt
 from daemon.results.hl7 import build_oru, encode
-from daemon.sender import DeliveryReason, send_due
 from db import deliveries, jobs, migrate, queue, worklist
 from db.engine import create_db_engine, make_session_factory, unit_of_work
 from db.models import Delivery

@@ -336,8 +336,8 @@ def test_watchdog_pings_stop_while_the_service_is_unhealthy(tmp_path: Path,
     from apscheduler.schedulers.background import BackgroundScheduler
 
     from daemon.disk import DiskGuard
-    from daemon.health import Check, Health
     from daemon.serve import _run_until_stopped
+    from daemon.web.health import Check, Health
 
     notify = _NotifySocket(tmp_path / "notify.sock")
     notify.sock.settimeout(5)

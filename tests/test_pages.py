@@ -19,10 +19,10 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from daemon.config import load_config
 from daemon.disk import DiskGuard
-from daemon.health import Check, Health
-from daemon.http_api import HttpApi
-from daemon.metrics import Metrics
 from daemon.spool import Spool
+from daemon.web.health import Check, Health
+from daemon.web.http_api import HttpApi
+from daemon.web.metrics import Metrics
 from db import jobs, migrate, queue
 from db.engine import create_db_engine, make_session_factory, unit_of_work
 from db.jobs import FailureReason

@@ -11,7 +11,7 @@ import pydicom
 import pytest
 from pydicom.filebase import DicomBytesIO
 
-from daemon.report import (
+from daemon.results.report import (
     REASON_CODES,
     ImageOutcome,
     build_sr,

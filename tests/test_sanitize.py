@@ -15,8 +15,8 @@ import pytest
 from pydicom import config as pydicom_config
 from pydicom.dataset import Dataset
 
-from daemon.report import ImageOutcome, build_sr
-from daemon.sanitize import Action, Problem, sanitized
+from daemon.dicom.sanitize import Action, Problem, sanitized
+from daemon.results.report import ImageOutcome, build_sr
 from model.manifest import read_manifest
 from tests.factories import make_dx
 from tests.test_report import _errors

@@ -22,8 +22,8 @@ from pynetdicom.sop_class import ComprehensiveSRStorage, Verification
 from structlog.testing import capture_logs
 
 from daemon.config import load_config
-from daemon.report import ImageOutcome, build_sr
-from daemon.sender import DeliveryReason, classify_status, send_due
+from daemon.dicom.sender import DeliveryReason, classify_status, send_due
+from daemon.results.report import ImageOutcome, build_sr
 from db import deliveries, jobs, queue
 from db.engine import unit_of_work
 from db.models import Delivery

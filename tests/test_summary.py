@@ -19,9 +19,15 @@ from pynetdicom import AE
 from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation
 
 from daemon.config import load_config
-from daemon.sanitize import sanitized
+from daemon.dicom.sanitize import sanitized
+from daemon.results.summary import (
+    SECONDARY_CAPTURE,
+    SummaryInput,
+    build_summary,
+    series_description,
+    text_lines,
+)
 from daemon.scheduler import complete_studies
-from daemon.summary import SECONDARY_CAPTURE, SummaryInput, build_summary, series_description, text_lines
 from daemon.worker import Worker
 from db.models import Delivery, Job, Result, Study
 from db.states import DeliveryKind, JobState

@@ -19,8 +19,8 @@ from pynetdicom import AE
 from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation, Verification
 
 from daemon.config import DestinationConfig, TLSConfig
-from daemon.report import ImageOutcome, build_sr
-from daemon.sender import send_one
+from daemon.dicom.sender import send_one
+from daemon.results.report import ImageOutcome, build_sr
 from model.manifest import read_manifest
 from tests.conftest import DCMTK_ENV, Pacs, free_port, require, running_receiver
 from tests.factories import make_dx

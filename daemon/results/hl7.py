@@ -31,7 +31,8 @@ from hl7apy.parser import parse_message
 from pydicom.sr.coding import Code
 
 from daemon.config import HL7DestinationConfig
-from daemon.report import (
+from daemon.results.exceptions import AckUnreadable, MessageNotBuilt
+from daemon.results.report import (
     ABSENT,
     NO_UNITS,
     OPACITY,
@@ -43,7 +44,6 @@ from daemon.report import (
     THRESHOLD,
     Priority,
 )
-from daemon.results.exceptions import AckUnreadable, MessageNotBuilt
 from db.deliveries import ResultMessage
 from model.manifest import NOT_FOR_CLINICAL_USE
 

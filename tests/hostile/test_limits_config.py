@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from daemon.config import load_config
+from daemon.dicom.transport import Limits
 from daemon.exceptions import ConfigError
-from daemon.transport import Limits
 
 
 @pytest.mark.parametrize(("toml", "message"), [

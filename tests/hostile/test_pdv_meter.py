@@ -7,7 +7,7 @@ import struct
 
 import pytest
 
-from daemon.transport import Abort, _PdvMeter, _Throttle
+from daemon.dicom.transport import Abort, _PdvMeter, _Throttle
 
 
 def _pdv(control: int, size: int) -> bytes:

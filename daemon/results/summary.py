@@ -10,7 +10,7 @@ burned in; the patient and study attributes are copied from the source header
 (the sanitised copy the SR is made from), so the PACS files the image in the
 study it belongs to.
 
-Identity follows the SR's (:mod:`daemon.report`): one series per study and model
+Identity follows the SR's (:mod:`daemon.results.report`): one series per study and model
 name; the SOP Instance UID is derived from the result key and the UID of the
 summary it supersedes, so the same content always has the same UID and a re-send
 is de-duplicated by the PACS. A later result's summary joins the same series
@@ -33,8 +33,8 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import ExplicitVRLittleEndian
 
-from daemon.eligibility import OWN_MANUFACTURER
-from daemon.report import REASON_CODES, UNKNOWN_REASON, deterministic_uid, priority_for
+from daemon.dicom.eligibility import OWN_MANUFACTURER
+from daemon.results.report import REASON_CODES, UNKNOWN_REASON, deterministic_uid, priority_for
 from model.heatmap_render import render_heatmap
 from model.manifest import NOT_FOR_CLINICAL_USE, Manifest
 
@@ -61,7 +61,7 @@ class SummaryInput:
     study_uid: str
     revision: int
     key: str
-    """The result key (:func:`daemon.report.result_key`)."""
+    """The result key (:func:`daemon.results.report.result_key`)."""
     manifest: Manifest
     probability: float | None
     """The study's probability; None: not analysable."""
@@ -99,7 +99,8 @@ def summary_series_uid(study_uid: str, manifest: Manifest) -> str:
 
 
 def summary_instance_uid(key: str, previous_uid: str | None) -> str:
-    """From the result key and the superseded summary's UID, as :func:`daemon.report.sr_instance_uid`."""
+    """From the result key and the superseded summary's UID, as
+    :func:`daemon.results.report.sr_instance_uid`."""
     return deterministic_uid("opacityd-summary", key, previous_uid or "")
 
 

@@ -31,8 +31,8 @@ from pydicom.sr.coding import Code
 from pydicom.valuerep import DT
 
 from daemon.config import ModelConfig
-from daemon.eligibility import OWN_MANUFACTURER
-from daemon.eligibility import Reason as Ineligibility
+from daemon.dicom.eligibility import OWN_MANUFACTURER
+from daemon.dicom.eligibility import Reason as Ineligibility
 from model.errors import Refusal
 from model.manifest import NOT_FOR_CLINICAL_USE, Manifest, Thresholds
 
@@ -68,7 +68,7 @@ REASON_CODES: Mapping[str, Code] = {
                                               "Unsupported transfer syntax"),
     Refusal.CORRUPT_PIXEL_DATA: Code("RSN-CORRUPT_PIXE", SCHEME, "Corrupt pixel data"),
     Refusal.BLANK_IMAGE: Code("RSN-BLANK_IMAGE", SCHEME, "Blank image"),
-    # Why an image was not eligible (daemon.eligibility.Reason), should a caller list one.
+    # Why an image was not eligible (daemon.dicom.eligibility.Reason), should a caller list one.
     Ineligibility.OWN_OUTPUT: Code("RSN-OWN_OUTPUT", SCHEME, "Produced by opacityd itself"),
     Ineligibility.MODALITY: Code("RSN-MODALITY", SCHEME, "Modality not accepted"),
     Ineligibility.NOT_CHEST: Code("RSN-NOT_CHEST", SCHEME, "Not a chest image"),
@@ -164,7 +164,7 @@ def reason_code(reason: str | None) -> Code:
     try:
         return REASON_CODES[reason or UNKNOWN_REASON]
     except KeyError:
-        raise ValueError(f"refusal reason {reason!r} has no code in daemon.report.REASON_CODES; "
+        raise ValueError(f"refusal reason {reason!r} has no code in daemon.results.report.REASON_CODES; "
                          f"known: {', '.join(sorted(REASON_CODES))}") from None
 
 

@@ -1,5 +1,5 @@
 """The read-only HTTP interface: /healthz, /readyz, /metrics, /api/v1/worklist, /api/v1/studies/{id},
-and the worklist pages (/ and /studies/{id}, see :mod:`daemon.pages`).
+and the worklist pages (/ and /studies/{id}, see :mod:`daemon.web.pages`).
 
 A WSGI app on the standard library's threaded server (loopback by default). With a token
 configured every request needs ``Authorization: Bearer <token>``. No patient data is served;
@@ -24,9 +24,9 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from sqlalchemy.orm import Session, sessionmaker
 
 from daemon.config import Config
-from daemon.health import Health, all_ok
-from daemon.metrics import Metrics
-from daemon.pages import HEADERS, Page, Pages
+from daemon.web.health import Health, all_ok
+from daemon.web.metrics import Metrics
+from daemon.web.pages import HEADERS, Page, Pages
 from db import worklist
 from db.engine import read_only
 

@@ -52,8 +52,8 @@ from pynetdicom.presentation import PresentationContext
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
 from daemon.config import ReceiverConfig
-from daemon.health import Check
-from daemon.metrics import Metrics
+from daemon.web.health import Check
+from daemon.web.metrics import Metrics
 
 log = structlog.get_logger("opacityd.transport")
 

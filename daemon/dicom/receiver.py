@@ -7,7 +7,7 @@ file (fsync), and in one transaction lets the database decide NEW or DUPLICATE
 name nobody holds (fsync of the folder) and records the rows; only after the
 commit does it answer 0x0000. An acknowledged file is never replaced or removed
 by a later association (``receiver.duplicate_policy``, docs/conformance.md).
-Each expected failure is a specific status (see :mod:`daemon.statuses`) with an
+Each expected failure is a specific status (see :mod:`daemon.dicom.statuses`) with an
 Error Comment and a logged reason.
 """
 
@@ -58,15 +58,15 @@ from pynetdicom.sop_class import register_uid, uid_to_service_class
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from daemon.access import REJECTED_PERMANENT, SOURCE_SERVICE_USER, AccessPolicy
 from daemon.config import Config
+from daemon.dicom.access import REJECTED_PERMANENT, SOURCE_SERVICE_USER, AccessPolicy
+from daemon.dicom.eligibility import classify
+from daemon.dicom.statuses import StoreStatus, status_dataset
+from daemon.dicom.transport import GuardedAssociationServer, Limits, start_server
 from daemon.disk import DiskGuard
-from daemon.eligibility import classify
 from daemon.exceptions import SpoolError, SpoolFullError
-from daemon.metrics import Metrics
 from daemon.spool import Spool, is_valid_uid
-from daemon.statuses import StoreStatus, status_dataset
-from daemon.transport import GuardedAssociationServer, Limits, start_server
+from daemon.web.metrics import Metrics
 from db import queue
 from db.engine import read_only, unit_of_work
 

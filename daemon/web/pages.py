@@ -1,7 +1,7 @@
 """The worklist web pages: ``/`` (studies by priority) and ``/studies/<id>`` (one study), plus
 the preview PNGs a study page shows.
 
-Read-only, served by :mod:`daemon.http_api` under its rules (loopback, or a bearer token).
+Read-only, served by :mod:`daemon.web.http_api` under its rules (loopback, or a bearer token).
 Jinja2 templates with autoescaping; no script. The view data handed to a template is built here
 from :mod:`db.worklist` and holds no identifier unless ``worklist.show_identifiers`` is on: no
 patient data ever, and no study, series or SOP Instance UID or accession number when hidden.
@@ -19,8 +19,8 @@ from urllib.parse import urlencode
 import jinja2
 from sqlalchemy.orm import Session, sessionmaker
 
-from daemon import page_text as text
 from daemon.config import Config
+from daemon.web import page_text as text
 from db import worklist
 from db.engine import read_only
 
@@ -51,7 +51,7 @@ class Page:
 
 
 def _environment() -> jinja2.Environment:
-    env = jinja2.Environment(loader=jinja2.PackageLoader("daemon", "templates"),
+    env = jinja2.Environment(loader=jinja2.PackageLoader("daemon.web", "templates"),
                              autoescape=True, undefined=jinja2.StrictUndefined,
                              trim_blocks=True, lstrip_blocks=True)
     env.globals.update(refresh_s=REFRESH_S)

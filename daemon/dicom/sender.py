@@ -73,7 +73,6 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from daemon.config import Config, DeliveryConfig, DestinationConfig, HL7DestinationConfig
-from daemon.report import COMPREHENSIVE_SR
 from daemon.results import hl7, mllp
 from daemon.results.exceptions import (
     AckUnreadable,
@@ -82,8 +81,9 @@ from daemon.results.exceptions import (
     MessageNotBuilt,
     NoAcknowledgement,
 )
+from daemon.results.report import COMPREHENSIVE_SR
+from daemon.results.summary import SECONDARY_CAPTURE
 from daemon.spool import Spool
-from daemon.summary import SECONDARY_CAPTURE
 from db import deliveries
 from db.engine import read_only, unit_of_work
 from db.states import DeliveryKind, DeliveryState

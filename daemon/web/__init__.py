@@ -1,0 +1,1 @@
+"""The HTTP side: the WSGI app (health, metrics, JSON API), the worklist pages and their text."""
