@@ -159,7 +159,7 @@ def test_processes_starting_together_on_an_empty_database_migrate_it_once(databa
         barrier.wait()
         try:
             outcomes.append(migrate.upgrade(engine))
-        except Exception as e:  # noqa: BLE001 - collected for the assertion below
+        except Exception as e:  # noqa: BLE001 - the starting thread's boundary: collected for the assertion below
             errors.append(e)
     threads = [threading.Thread(target=start, args=(e,)) for e in engines]
     for t in threads:

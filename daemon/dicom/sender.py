@@ -467,7 +467,7 @@ def _attempt_claimed(config: Config, sessions: sessionmaker[Session], spool: Spo
         down.add((claimed.kind, claimed.destination))
     try:
         return _record(config, sessions, claimed, outcome)
-    except Exception as e:  # noqa: BLE001 - not recorded: due again when the claim lapses
+    except Exception as e:  # noqa: BLE001 - the recording's boundary: not recorded, due again when the claim lapses
         log.error("delivery_not_recorded", reason=outcome.reason.value, error=_describe(e),
                   exception=_frames(e))
         return 0

@@ -136,7 +136,7 @@ class HttpApi:
                 page = self.pages.study_page(match.group(1))
             else:
                 page = self.pages.not_found("There is no page at this address.")
-        except Exception as e:  # noqa: BLE001 - a reason, never a traceback, for the browser
+        except Exception as e:  # noqa: BLE001 - the page request's boundary: logged, a 500 page
             log.error("http_page_error", path=path[:200], error=type(e).__name__, detail=str(e)[:200],
                       exc_info=True)
             page = Page("500 Internal Server Error", "text/plain; charset=utf-8",
