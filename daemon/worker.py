@@ -62,7 +62,7 @@ from model.durable import fsync_dir
 from model.errors import BundleError, PreprocessError
 from model.gradcam import GradCam
 from model.predictor import Predictor
-from model.preprocess import PreprocessSpec, preprocess, read_dicom
+from model.preprocess import PreprocessSpec, displayed, preprocess, read_dicom
 
 log = structlog.get_logger("opacityd.worker")
 
@@ -433,12 +433,9 @@ class Worker:
                     img.heatmap_problem = explainer
                 continue
             try:
-                if all(img.activations is not None for img in chunk):
-                    maps = explainer.from_activations(
-                        np.stack([img.activations for img in chunk if img.activations is not None]),
-                        explainer.input_shape[:2])
-                else:
-                    maps = explainer(np.stack([img.array for img in chunk if img.array is not None]))
+                maps = explainer.from_activations(
+                    np.stack([img.activations for img in chunk if img.activations is not None]),
+                    explainer.input_shape[:2])
             except Exception as e:  # noqa: BLE001 - the heatmap's boundary: the summary says so
                 log.warning("heatmap_failed", images=len(chunk), error=describe(e),
                             exception=traceback_text(e))
@@ -562,8 +559,7 @@ class Worker:
         source = shown.header if shown is not None else outcomes[0].header
         if source is None:
             return SummaryMade(reason="no header to file a summary under")
-        network_input = (None if shown is None or shown.array is None
-                         else (shown.array[..., 0] + 1.0) / 2.0)
+        network_input = None if shown is None or shown.array is None else displayed(shown.array)
         item = SummaryInput(
             study_uid=job.study_uid, revision=job.revision, key=key, manifest=self.manifest,
             probability=study_p, source=source, network_input=network_input,

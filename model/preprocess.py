@@ -126,6 +126,12 @@ def network_input(equalized: np.ndarray) -> np.ndarray:
     return np.repeat((np.asarray(equalized, dtype=np.float32) * 2.0 - 1.0)[..., None], 3, axis=-1)
 
 
+def displayed(model_input: np.ndarray) -> np.ndarray:
+    """The equalised image in [0, 1] that :func:`network_input` made ``model_input`` from (its
+    first channel, scaled back), to show what the network saw."""
+    return (np.asarray(model_input, dtype=np.float32)[..., 0] + 1.0) / 2.0
+
+
 def to_model_input(display: Display, spec: PreprocessSpec) -> Preprocessed:
     size = spec.input_size
     h, w = display.image.shape

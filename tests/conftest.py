@@ -211,6 +211,21 @@ class Harness:
         with unit_of_work(self.sessions) as session:
             return fn(session)
 
+    def store(self, *datasets: Any) -> None:
+        """C-STORE ``datasets`` (DX For Presentation) on one pynetdicom association; each must
+        succeed."""
+        from pynetdicom import AE
+        from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation  # type: ignore[attr-defined]
+
+        ae = AE(ae_title="MODALITY")
+        ae.add_requested_context(DigitalXRayImageStorageForPresentation)
+        assoc = ae.associate("127.0.0.1", self.port, ae_title="OPACITYD")
+        try:
+            for ds in datasets:
+                assert assoc.send_c_store(ds).Status == 0
+        finally:
+            assoc.release()
+
 
 @contextmanager
 def running_receiver(folder: Path, extra: str = "", quiet_s: float = 0.5,

@@ -15,8 +15,6 @@ import pydicom
 import pytest
 import sqlalchemy as sa
 from PIL import Image
-from pynetdicom import AE
-from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation
 
 from daemon.config import load_config
 from daemon.dicom.sanitize import sanitized
@@ -31,6 +29,7 @@ from daemon.scheduler import complete_studies
 from daemon.worker import Worker
 from db.models import Delivery, Job, Result, Study
 from db.states import DeliveryKind, JobState
+from model.gradcam import GradCam
 from model.manifest import NOT_FOR_CLINICAL_USE
 from model.predictor import Predictor
 from tests.conftest import Harness, require, running_receiver
@@ -136,16 +135,6 @@ def test_uids_are_deterministic_and_a_successor_joins_the_series(
 
 # The worker: what it makes, records and queues.
 
-def _send(h: Harness, *datasets: pydicom.Dataset) -> None:
-    ae = AE(ae_title="MODALITY")
-    ae.add_requested_context(DigitalXRayImageStorageForPresentation)
-    ae.maximum_pdu_size = 0
-    assoc = ae.associate("127.0.0.1", h.port, ae_title="OPACITYD")
-    try:
-        for ds in datasets:
-            assert assoc.send_c_store(ds).Status == 0
-    finally:
-        assoc.release()
 
 
 def _score(h: Harness, predictor: Predictor, **summary: object) -> Worker:
@@ -172,7 +161,7 @@ def test_worker_makes_the_summary_and_previews_and_queues_it_where_send_lists_it
         tmp_path: Path, predictor: Predictor) -> None:
     with running_receiver(tmp_path, DESTINATIONS, quiet_s=600) as h:
         pa = make_dx(96, 96)
-        _send(h, pa)
+        h.store(pa)
         _score(h, predictor)
         (result,) = _results(h)
         sc = pydicom.dcmread(h.spool.absolute(result.summary_path or ""))
@@ -194,9 +183,9 @@ def test_a_later_result_supersedes_the_summary_in_the_same_series(tmp_path: Path
                                                                   predictor: Predictor) -> None:
     with running_receiver(tmp_path, quiet_s=600) as h:
         pa = make_dx(96, 96)
-        _send(h, pa)
+        h.store(pa)
         _score(h, predictor)
-        _send(h, make_dx(96, 96, study_uid=pa.StudyInstanceUID, seed=6))  # a late frontal
+        h.store(make_dx(96, 96, study_uid=pa.StudyInstanceUID, seed=6))  # a late frontal
         _score(h, predictor)
         first, second = _results(h)
         assert first.summary_sop_instance_uid and second.summary_sop_instance_uid
@@ -209,7 +198,7 @@ def test_a_later_result_supersedes_the_summary_in_the_same_series(tmp_path: Path
 
 def test_summaries_off_make_none_and_say_why(tmp_path: Path, predictor: Predictor) -> None:
     with running_receiver(tmp_path, DESTINATIONS, quiet_s=600) as h:
-        _send(h, make_dx(96, 96))
+        h.store(make_dx(96, 96))
         _score(h, predictor, enabled=False)
         (result,) = _results(h)
         assert result.summary_path is None and result.summary_sop_instance_uid is None
@@ -222,13 +211,15 @@ def test_a_failing_heatmap_or_summary_never_holds_back_the_sr(tmp_path: Path,
                                                               predictor: Predictor) -> None:
     with running_receiver(tmp_path, DESTINATIONS, quiet_s=600) as h:
         # Grad-CAM raises (as it would out of memory): the summary is made without a heatmap.
-        _send(h, make_dx(96, 96))
+        h.store(make_dx(96, 96))
         complete_studies(h.sessions, timedelta(seconds=0))
         worker = Worker(load_config(h.config.source, env={}), h.sessions, predictor, h.spool, "w")
+        explainer = worker.explainer()
+        assert isinstance(explainer, GradCam)
 
-        def out_of_memory(batch: np.ndarray) -> np.ndarray:
+        def out_of_memory(activations: np.ndarray, size: tuple[int, int]) -> np.ndarray:
             raise MemoryError("injected")
-        worker._explainer = out_of_memory  # type: ignore[assignment]
+        explainer.from_activations = out_of_memory  # type: ignore[method-assign]
         worker.run_once()
         (result,) = _results(h)
         detail = _summary_detail(result)
@@ -241,7 +232,7 @@ def test_a_failing_heatmap_or_summary_never_holds_back_the_sr(tmp_path: Path,
         # The summary folder cannot be written: the SR is recorded and queued, no summary is.
         (h.spool.root / "summary").rename(h.spool.root / "summary-moved")
         (h.spool.root / "summary").write_text("not a folder")
-        _send(h, make_dx(96, 96, seed=3))
+        h.store(make_dx(96, 96, seed=3))
         _score(h, predictor)
         _, second = _results(h)
         assert second.summary_path is None
@@ -268,7 +259,7 @@ def test_odd_images_give_a_readable_summary_or_a_recorded_reason(tmp_path: Path,
             "lateral_only": [make_dx(96, 96, view="LL")],
         }
         for datasets in studies.values():
-            _send(h, *datasets)
+            h.store(*datasets)
         _score(h, predictor)
         assert h.query(lambda s: s.scalar(sa.select(sa.func.count()).select_from(Job)
                                           .where(Job.state != JobState.DONE))) == 0

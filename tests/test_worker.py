@@ -10,8 +10,6 @@ from pathlib import Path
 import pydicom
 import pytest
 import sqlalchemy as sa
-from pynetdicom import AE
-from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation
 
 from daemon.cli import main
 from daemon.config import load_config
@@ -31,15 +29,6 @@ def predictor(demo_bundle: Path) -> Predictor:
     return Predictor(demo_bundle)
 
 
-def _send(h: Harness, *datasets: pydicom.Dataset) -> None:
-    ae = AE(ae_title="MODALITY")
-    ae.add_requested_context(DigitalXRayImageStorageForPresentation)
-    assoc = ae.associate("127.0.0.1", h.port, ae_title="OPACITYD")
-    try:
-        for ds in datasets:
-            assert assoc.send_c_store(ds).Status == 0
-    finally:
-        assoc.release()
 
 
 def _close_studies(h: Harness) -> None:
@@ -60,7 +49,7 @@ def _count(h: Harness, model: type, *where: sa.ColumnElement[bool]) -> int:
 def test_two_workers_on_one_database_score_each_job_exactly_once(tmp_path: Path,
                                                                  predictor: Predictor) -> None:
     with running_receiver(tmp_path, quiet_s=600) as h:
-        _send(h, *[make_dx(96, 96, seed=i) for i in range(12)])
+        h.store(*[make_dx(96, 96, seed=i) for i in range(12)])
         _close_studies(h)
         assert _count(h, Job) == 12
         workers = [_worker(h, predictor, f"w{i}", batch_size=2) for i in range(2)]
@@ -87,17 +76,17 @@ def test_late_lateral_changes_nothing_and_late_frontal_supersedes_in_the_same_se
     with running_receiver(tmp_path, quiet_s=600) as h:
         worker = _worker(h, predictor, "w")
         pa = make_dx(96, 96)
-        _send(h, pa)
+        h.store(pa)
         _close_studies(h)
         worker.run_once()
         # A late lateral is recorded but does not re-open the study: nothing is scored again.
-        _send(h, make_dx(96, 96, study_uid=pa.StudyInstanceUID, view="LL", seed=5))
+        h.store(make_dx(96, 96, study_uid=pa.StudyInstanceUID, view="LL", seed=5))
         _close_studies(h)
         worker.run_once()
         assert _count(h, Job, Job.state == JobState.DONE) == 1
         assert _count(h, Result) == 1
         # A late frontal image changes the evidence: a new SR in the same series, superseding.
-        _send(h, make_dx(96, 96, study_uid=pa.StudyInstanceUID, seed=6))
+        h.store(make_dx(96, 96, study_uid=pa.StudyInstanceUID, seed=6))
         _close_studies(h)
         worker.run_once()
         first, second = h.query(lambda s: list(s.scalars(sa.select(Result).order_by(Result.id))))
@@ -112,7 +101,7 @@ def test_unreadable_images_give_a_not_analysable_result(tmp_path: Path, predicto
     with running_receiver(tmp_path, quiet_s=600) as h:
         blank = make_dx(96, 96)
         blank.PixelData = bytes(96 * 96 * 2)
-        _send(h, blank)
+        h.store(blank)
         _close_studies(h)
         _worker(h, predictor, "w").run_once()
         (result,) = h.query(lambda s: list(s.scalars(sa.select(Result))))
@@ -124,7 +113,7 @@ def test_vanished_spool_file_fails_the_job_with_a_readable_reason(tmp_path: Path
                                                                   predictor: Predictor) -> None:
     with running_receiver(tmp_path, quiet_s=600) as h:
         ds = make_dx(96, 96)
-        _send(h, ds)
+        h.store(ds)
         _close_studies(h)
         for path in h.spool.root.rglob("*.dcm"):
             path.unlink()
@@ -138,7 +127,7 @@ def test_vanished_spool_file_fails_the_job_with_a_readable_reason(tmp_path: Path
 
 def test_failed_job_keeps_its_reason_and_can_be_requeued(tmp_path: Path) -> None:
     with running_receiver(tmp_path, quiet_s=600) as h:
-        _send(h, make_dx(96, 96))
+        h.store(make_dx(96, 96))
         _close_studies(h)
         now = datetime.now(UTC)
         with unit_of_work(h.sessions) as s:
@@ -155,7 +144,7 @@ def test_failed_job_keeps_its_reason_and_can_be_requeued(tmp_path: Path) -> None
 
 def test_transient_failure_retries_with_backoff_then_fails(tmp_path: Path) -> None:
     with running_receiver(tmp_path, quiet_s=600) as h:
-        _send(h, make_dx(96, 96))
+        h.store(make_dx(96, 96))
         _close_studies(h)
         now = datetime.now(UTC)
         states = []
