@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"record_instance, one transaction per new instance, {args.instances} instances, in process")
     print(f"SQLite (WAL, synchronous=FULL): {lite:.2f} ms/instance, {lite_statements} statements")
     print(f"PostgreSQL 15 (loopback TCP):   {pg:.2f} ms/instance, {pg_statements} statements "
-          "(plus BEGIN/SAVEPOINT/RELEASE/COMMIT)")
+          "(SAVEPOINT and RELEASE among them; plus BEGIN and COMMIT)")
     print(f"PostgreSQL / SQLite time: {pg / lite:.2f}")
     print(json.dumps({"bench": "record", "instances": args.instances, "sqlite_ms": round(lite, 3),
                       "postgres_ms": round(pg, 3), "postgres_vs_sqlite": round(pg / lite, 3),

@@ -214,8 +214,12 @@ def build_summary(item: SummaryInput, created: datetime | None = None) -> Datase
     sc.BurnedInAnnotation = "YES"
     sc.RecognizableVisualFeatures = "NO"
     sc.LossyImageCompression = "00"
-    derivation = ("opacityd summary: network input with Grad-CAM heatmap"
-                  if item.heatmap is not None else "opacityd summary: result text")
+    if item.heatmap is not None:
+        derivation = "opacityd summary: network input with Grad-CAM heatmap"
+    elif item.network_input is not None:
+        derivation = "opacityd summary: network input without heatmap"
+    else:
+        derivation = "opacityd summary: result text"
     if item.previous_uid is not None:
         derivation += f"; supersedes {item.previous_uid}"
     sc.DerivationDescription = derivation[:1024]
