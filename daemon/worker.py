@@ -232,8 +232,6 @@ class Worker:
         """Why the worker claims nothing now (``database``, ``spool_not_mounted``), or None."""
         self.waits = 0
         self.pool = ThreadPoolExecutor(config.worker.threads, thread_name_prefix="preprocess")
-        enabled = [d.name for d in config.destinations if d.enabled]
-        self.destinations = enabled if config.delivery.enabled else []
         self.sr_destinations = [d.name for d in config.destinations
                                 if d.enabled and "sr" in d.send] if config.delivery.enabled else []
         self.summary_destinations = ([d.name for d in config.destinations
@@ -247,7 +245,9 @@ class Worker:
     def run(self, stop: threading.Event) -> None:
         log.info("worker_started", owner=self.owner, model=self.manifest.label,
                  thresholds=dataclasses.asdict(self.manifest.thresholds),
-                 device=self.predictor.device, destinations=self.destinations,
+                 device=self.predictor.device, sr_destinations=self.sr_destinations,
+                 summary_destinations=self.summary_destinations,
+                 hl7_destinations=self.hl7_destinations,
                  shadow_mode=not self.config.delivery.enabled)
         faults = 0
         while not stop.is_set():
@@ -369,7 +369,7 @@ class Worker:
             if isinstance(explainer, GradCam):
                 # One forward pass gives the scores and what the heatmaps need.
                 outputs, activations = explainer.predict(batch)
-                probabilities = outputs[:, self.predictor.positive_index].astype(np.float64)
+                probabilities = self.predictor.probabilities(outputs)
             else:
                 probabilities = self.predictor.predict(batch)
         except Exception as e:  # noqa: BLE001 - the chunk's boundary: isolate the culprit, keep the rest
@@ -582,10 +582,9 @@ class Worker:
             path = f"summary/{job.study_uid}/{uid}.dcm"
             write_once(self.spool.absolute(path), buffer.getvalue())
             pictures: dict[str, str] = {}
-            if network_input is not None and shown is not None:
-                for name, data in previews(item).items():
-                    pictures[name] = f"previews/{job.study_uid}/{uid}/{name}.png"
-                    write_once(self.spool.absolute(pictures[name]), data)
+            for name, data in previews(item).items():
+                pictures[name] = f"previews/{job.study_uid}/{uid}/{name}.png"
+                write_once(self.spool.absolute(pictures[name]), data)
         except Exception as e:  # noqa: BLE001 - the summary's boundary: recorded, the SR goes on
             log.warning("summary_not_built", error=describe(e), exception=traceback_text(e))
             return SummaryMade(image=None if shown is None else shown.sop_uid,

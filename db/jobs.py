@@ -296,8 +296,8 @@ def finish_job(session: Session, claimed: ClaimedJob, owner: str, record: Result
         session.add(Delivery(result_id=result.id, destination=name, kind=DeliveryKind.SUMMARY,
                              state=DeliveryState.PENDING, attempts=0, next_attempt_at=now,
                              created_at=now))
-    has_accession = bool((session.scalar(sa.select(Study.accession_number).where(
-        Study.id == claimed.study_id)) or "").strip())
+    has_accession = bool(hl7_destinations) and bool((session.scalar(
+        sa.select(Study.accession_number).where(Study.id == claimed.study_id)) or "").strip())
     for name in hl7_destinations:
         if not has_accession:
             audit(session, AuditAction.DELIVERY_SKIPPED, owner, now, study_uid=claimed.study_uid,

@@ -181,7 +181,7 @@ def _iso(value: datetime | None) -> str | None:
     return None if value is None else value.isoformat(timespec="seconds")
 
 
-def _detail(result: Result) -> dict[str, Any]:
+def detail_of(result: Result) -> dict[str, Any]:
     """The result's detail JSON; an unreadable or non-object value reads as empty."""
     try:
         value = json.loads(result.detail or "{}")
@@ -193,7 +193,7 @@ def _detail(result: Result) -> dict[str, Any]:
 SUMMARY_KEYS = ("image", "sop_instance_uid", "reason", "input_png", "heatmap_png")
 
 
-def _summary(detail: dict[str, Any]) -> dict[str, str | None] | None:
+def summary_of(detail: dict[str, Any]) -> dict[str, str | None] | None:
     """The detail's ``summary`` entry with its known keys (each a string or None), or None when
     the result has none (made before summaries existed, or by a worker that makes none)."""
     value = detail.get("summary")
@@ -235,9 +235,9 @@ def study_history(session: Session, study: Study, show_identifiers: bool) -> dic
                                     "elevated": r.elevated_threshold},
                      "inference_seconds": r.inference_seconds, "sr_sop_instance_uid": r.sr_sop_instance_uid,
                      # per image: its probability, or why it was not analysable, and any notes
-                     "images": _detail(r).get("images", {}),
+                     "images": detail_of(r).get("images", {}),
                      # the summary image and its previews, or why there is none (None: not made)
-                     "summary": _summary(_detail(r)),
+                     "summary": summary_of(detail_of(r)),
                      "created_at": _iso(r.created_at)} for r in results],
         # Every delivered object: the SR (kind sr) and HL7 results (kind hl7, with the message
         # control ID). The last detail stays out: it may quote the peer's free text.

@@ -38,5 +38,8 @@ class Predictor:
         """Probabilities of the positive class, shape (n,), for a (n, size, size, 3) batch."""
         if batch.ndim != 4 or batch.shape[1:] != self.input_shape:
             raise ValueError(f"batch shape {batch.shape} does not match (n, {self.input_shape})")
-        out = np.asarray(self.model.predict_on_batch(batch.astype(np.float32, copy=False)))
-        return out[:, self.positive_index].astype(np.float64)
+        return self.probabilities(self.model.predict_on_batch(batch.astype(np.float32, copy=False)))
+
+    def probabilities(self, outputs: np.ndarray) -> np.ndarray:
+        """P(positive class), shape (n,), from the model's outputs (n, classes)."""
+        return np.asarray(outputs)[:, self.positive_index].astype(np.float64)

@@ -236,8 +236,15 @@ def _unreachable(dest: DestinationConfig | HL7DestinationConfig, timeout: float)
     return Outcome(False, DeliveryReason.UNREACHABLE, detail, transient=True)
 
 
+def _endpoint(item: deliveries.DueDelivery) -> tuple[bool, str]:
+    """Which configured peer a delivery goes to: an HL7 destination, or a DICOM one (SR and
+    summary image alike)."""
+    return item.kind is DeliveryKind.HL7, item.destination
+
+
 def _not_established(assoc: Association, dest: DestinationConfig,
-                     tls: tuple[ssl.SSLContext, str] | None, timeout: float) -> Outcome:
+                     tls: tuple[ssl.SSLContext, str] | None, timeout: float,
+                     sop_class: str) -> Outcome:
     """Classify an association that was requested but not established."""
     answer = assoc.acceptor.primitive
     if assoc.is_rejected and answer is not None:
@@ -251,7 +258,7 @@ def _not_established(assoc: Association, dest: DestinationConfig,
         # pynetdicom aborts an accepted association in which no context was accepted.
         return Outcome(False, DeliveryReason.NO_PRESENTATION_CONTEXT,
                        f"{dest.called_ae}@{dest.host}:{dest.port} accepted the association but "
-                       "no Comprehensive SR presentation context (Explicit or Implicit VR "
+                       f"no presentation context for {sop_class} (Explicit or Implicit VR "
                        "Little Endian)")
     problem = _tls_problem(dest, tls[0], timeout) if tls else None
     if problem:
@@ -269,7 +276,7 @@ def send_one(dest: DestinationConfig, obj: pydicom.Dataset, timeout: float) -> O
     tls = _tls(dest)
     assoc = ae.associate(dest.host, dest.port, ae_title=dest.called_ae, tls_args=tls)
     if not assoc.is_established:
-        return _not_established(assoc, dest, tls, timeout)
+        return _not_established(assoc, dest, tls, timeout, str(obj.SOPClassUID))
     try:
         status = assoc.send_c_store(obj)
     except ValueError as e:
@@ -423,14 +430,16 @@ def send_due(config: Config, sessions: sessionmaker[Session], spool: Spool) -> i
         log.warning("delivery_poll_failed", error=_describe(e))
         return 0
     sent = 0
-    down: set[tuple[DeliveryKind, str]] = set()
+    down: set[tuple[bool, str]] = set()
+    """Endpoints found down in this pass, as (is an HL7 destination, its name): an SR and a
+    summary image go to the same [[destinations]] entry."""
     deferred: list[deliveries.DueDelivery] = []
     for item in due:
         with structlog.contextvars.bound_contextvars(study_uid=item.study_uid,
                                                      destination=item.destination,
                                                      kind=item.kind.value,
                                                      delivery_id=item.delivery_id):
-            if (item.kind, item.destination) in down:
+            if _endpoint(item) in down:
                 log.info("delivery_deferred", reason="destination_down_in_this_pass")
                 deferred.append(item)
                 continue
@@ -446,7 +455,7 @@ def send_due(config: Config, sessions: sessionmaker[Session], spool: Spool) -> i
 
 def _attempt_claimed(config: Config, sessions: sessionmaker[Session], spool: Spool,
                      item: deliveries.DueDelivery, lease: timedelta,
-                     down: set[tuple[DeliveryKind, str]]) -> int:
+                     down: set[tuple[bool, str]]) -> int:
     """Renew the claim, attempt, record; returns 1 when delivered."""
     try:
         with unit_of_work(sessions) as session:
@@ -464,7 +473,7 @@ def _attempt_claimed(config: Config, sessions: sessionmaker[Session], spool: Spo
         outcome = Outcome(False, DeliveryReason.INTERNAL_ERROR,
                           f"unexpected error in the attempt ({_describe(e)})", transient=True)
     if outcome.reason in _DESTINATION_DOWN:
-        down.add((claimed.kind, claimed.destination))
+        down.add(_endpoint(claimed))
     try:
         return _record(config, sessions, claimed, outcome)
     except Exception as e:  # noqa: BLE001 - the recording's boundary: not recorded, due again when the claim lapses

@@ -41,6 +41,8 @@ def exchange(host: str, port: int, message: bytes, timeout: float,
             conn.settimeout(max(0.001, deadline - time.monotonic()))
             conn.sendall(frame(message))
             return _read_frame(conn, deadline, timeout)
+        except ConnectionError as e:  # reset or broken pipe once connected: not "unreachable"
+            raise ConnectionClosed(f"the connection was lost ({type(e).__name__})") from e
         finally:
             if conn is not raw:
                 conn.close()

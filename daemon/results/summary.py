@@ -98,10 +98,12 @@ def summary_series_uid(study_uid: str, manifest: Manifest) -> str:
     return deterministic_uid(study_uid, "opacityd-summary-series", manifest.name)
 
 
-def summary_instance_uid(key: str, previous_uid: str | None) -> str:
-    """From the result key and the superseded summary's UID, as
-    :func:`daemon.results.report.sr_instance_uid`."""
-    return deterministic_uid("opacityd-summary", key, previous_uid or "")
+def summary_instance_uid(key: str, previous_uid: str | None, heatmap: str = "") -> str:
+    """From the result key, the superseded summary's UID (as
+    :func:`daemon.results.report.sr_instance_uid`) and what the image shows besides the result:
+    ``heatmap`` says whether it has one or why not, so a retried job whose Grad-CAM came out
+    differently never reuses a UID for other pixels."""
+    return deterministic_uid("opacityd-summary", key, previous_uid or "", heatmap)
 
 
 def series_description(manifest: Manifest) -> str:
@@ -194,7 +196,9 @@ def build_summary(item: SummaryInput, created: datetime | None = None) -> Datase
         coordinate_system="PATIENT",
         series_instance_uid=summary_series_uid(item.study_uid, manifest),
         series_number=SERIES_NUMBER,
-        sop_instance_uid=summary_instance_uid(item.key, item.previous_uid),
+        sop_instance_uid=summary_instance_uid(
+            item.key, item.previous_uid,
+            "heatmap" if item.heatmap is not None else item.heatmap_problem or ""),
         instance_number=item.revision,
         manufacturer=OWN_MANUFACTURER,
         # highdicom wants a pair of single letters; the header's own value (the image is

@@ -23,6 +23,7 @@ from daemon.config import Config
 from daemon.web import page_text as text
 from db import worklist
 from db.engine import read_only
+from db.models import Result
 
 REFRESH_S = 30
 """The worklist and study pages reload themselves this often (a meta refresh, no script)."""
@@ -155,9 +156,10 @@ class Pages:
         detail names, when it lies inside the spool's preview folder; 404 otherwise."""
         with read_only(self.sessions) as session:
             study = worklist.find_study(session, key) if STUDY_KEY.match(key) else None
-            history = worklist.study_history(session, study, self.show) if study else None
-        result = next((r for r in (history or {}).get("results", []) if r["id"] == result_id), None)
-        summary = (result or {}).get("summary") or {}
+            result = session.get(Result, result_id) if study is not None else None
+            if study is None or result is None or result.study_id != study.id:
+                result = None  # another study's result is not this study's preview
+            summary = (worklist.summary_of(worklist.detail_of(result)) if result else None) or {}
         path = preview_file(self.config.spool_dir, summary.get(f"{which}_png"))
         if path is None:
             return self.not_found("There is no such preview image.")
