@@ -65,7 +65,7 @@ from datetime import UTC, datetime, timedelta
 import pydicom
 import structlog
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.association import Association
 from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, code_to_category
@@ -258,8 +258,8 @@ def _not_established(assoc: Association, dest: DestinationConfig,
         # pynetdicom aborts an accepted association in which no context was accepted.
         return Outcome(False, DeliveryReason.NO_PRESENTATION_CONTEXT,
                        f"{dest.called_ae}@{dest.host}:{dest.port} accepted the association but "
-                       f"no presentation context for {sop_class} (Explicit or Implicit VR "
-                       "Little Endian)")
+                       f"no {UID(sop_class).name.removesuffix(' Storage')} presentation "
+                       "context (Explicit or Implicit VR Little Endian)")
     problem = _tls_problem(dest, tls[0], timeout) if tls else None
     if problem:
         return Outcome(False, DeliveryReason.TLS_FAILED, problem, transient=True)
