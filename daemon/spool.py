@@ -1,13 +1,13 @@
 """Durable spool of received instances: ``<study>/<series>/<sop>.dcm``.
 
-A received instance is written to a temporary name in its final folder and
-fsynced (:meth:`Spool.write_temp`); once the database has decided to keep it,
-:meth:`Spool.place` links it under a name that nobody holds and fsyncs the
-folder. Linking fails instead of replacing, so an acknowledged file is never
-overwritten: when ``<sop>.dcm`` is taken (a kept second version, or a file left
-by a crash) the new copy gets ``<sop>.v<version>.<token>.dcm``. After a crash
-a spool file is either complete or absent; temporary files left by a crash are
-removed at start-up.
+A received instance is written, as it arrives, to a temporary file in the
+spool's ``.incoming`` folder (:mod:`daemon.dicom.incoming`) and fsynced; once the
+database has decided to keep it, :meth:`Spool.place` links it under a name that
+nobody holds in its study's folder and fsyncs that folder. Linking fails instead
+of replacing, so an acknowledged file is never overwritten: when ``<sop>.dcm``
+is taken (a kept second version, or a file left by a crash) the new copy gets
+``<sop>.v<version>.<token>.dcm``. After a crash a spool file is either complete
+or absent; temporary files left by a crash are removed at start-up.
 
 The receiver marks the spool root (:data:`MARKER`) when it starts. A worker on another host
 reads the spool over a shared mount; where the marker is missing, the mount is missing
@@ -31,7 +31,7 @@ TEMP_SUFFIX = ".partial"
 MARKER = ".opacityd-spool"
 """A file in the spool root, written by the receiver: its absence means an unmounted spool."""
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
-_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+SPOOL_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
 
 def is_valid_uid(value: str) -> bool:
@@ -40,7 +40,7 @@ def is_valid_uid(value: str) -> bool:
 
 
 def _spool_error(e: OSError, what: str) -> SpoolError:
-    if e.errno in _FULL:
+    if e.errno in SPOOL_FULL_ERRNOS:
         return SpoolFullError(f"spool file system is full ({e.strerror})")
     return SpoolError(f"{what}: {e.strerror}")
 
@@ -76,25 +76,6 @@ class Spool:
         """Whether this is the spool the receivers write to (:data:`MARKER` is there)."""
         return (self.root / MARKER).is_file()
 
-    def write_temp(self, study_uid: str, series_uid: str, sop_uid: str,
-                   chunks: Sequence[bytes | memoryview]) -> Path:
-        """Write ``chunks`` durably to a new temporary file in the instance's folder.
-
-        Returns its path; the caller places it (:meth:`place`) or discards it
-        (:meth:`discard`). Raises :class:`SpoolFullError` when the file system is
-        full and :class:`SpoolError` for any other I/O failure; nothing is left
-        behind then.
-        """
-        target = self.root / self.relative_path(study_uid, series_uid, sop_uid)
-        temp = target.with_name(f".{target.name}.{uuid.uuid4().hex}{TEMP_SUFFIX}")
-        try:
-            self._make_dirs(temp.parent)
-            self._write_new(temp, chunks)
-        except OSError as e:
-            temp.unlink(missing_ok=True)
-            raise _spool_error(e, "cannot write spool file") from e
-        return temp
-
     def place(self, temp: Path, study_uid: str, series_uid: str, sop_uid: str,
               version: int) -> str:
         """Give the temporary file ``temp`` a final name; returns it relative to the root.
@@ -108,6 +89,10 @@ class Spool:
         """
         preferred = self.relative_path(study_uid, series_uid, sop_uid)
         folder = preferred.rsplit("/", 1)[0]
+        try:
+            self._make_dirs(self.root / folder)
+        except OSError as e:
+            raise _spool_error(e, "cannot make the spool folder") from e
         names = [preferred]
         names += [f"{folder}/{sop_uid}.v{version}.{uuid.uuid4().hex[:12]}.dcm" for _ in range(3)]
         for relative in names:
@@ -134,7 +119,7 @@ class Spool:
         """Write ``chunks`` durably at ``relative``; replaces an existing file atomically.
 
         For files whose name is derived from their content (SRs). Received instances go
-        through :meth:`write_temp` and :meth:`place`, which never replace anything.
+        through :meth:`place`, which never replaces anything.
 
         Raises :class:`SpoolFullError` when the file system is full (nothing is
         left behind) and :class:`SpoolError` for any other I/O failure.

@@ -489,7 +489,8 @@ def test_placing_a_file_never_replaces_one_that_holds_its_name(tmp_path: Path) -
     ids = ("1.2", "1.2.3", "1.2.3.4")
     names = []
     for version, content in ((1, b"first"), (2, b"second")):
-        temp = spool.write_temp(*ids, [content])
+        temp = tmp_path / f".incoming-{version}.partial"
+        temp.write_bytes(content)
         names.append(spool.place(temp, *ids, version=version))
         spool.discard(temp)
     first, second = names

@@ -13,7 +13,6 @@ Error Comment and a logged reason.
 
 from __future__ import annotations
 
-import hashlib
 import ssl
 import threading
 import time
@@ -25,8 +24,6 @@ from pathlib import Path
 
 import structlog
 from pydicom.dataset import Dataset
-from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import (
     JPEG2000,
     UID,
@@ -61,11 +58,12 @@ from sqlalchemy.orm import Session, sessionmaker
 from daemon.config import Config
 from daemon.dicom.access import REJECTED_PERMANENT, SOURCE_SERVICE_USER, AccessPolicy
 from daemon.dicom.eligibility import classify
+from daemon.dicom.incoming import INCOMING, IncomingFile, read_header, receive_into
 from daemon.dicom.statuses import StoreStatus, status_dataset
 from daemon.dicom.transport import GuardedAssociationServer, Limits, start_server
 from daemon.disk import DiskGuard
 from daemon.exceptions import SpoolError, SpoolFullError
-from daemon.spool import Spool, is_valid_uid
+from daemon.spool import SPOOL_FULL_ERRNOS, Spool, is_valid_uid
 from daemon.web.metrics import Metrics
 from db import queue
 from db.engine import read_only, unit_of_work
@@ -177,6 +175,7 @@ class Receiver:
         self._assoc_ids: weakref.WeakKeyDictionary[Association, str] = weakref.WeakKeyDictionary()
         self._ids_lock = threading.Lock()
         self.ae = self._build_ae()
+        self.incoming = receive_into(self.ae, spool.root / INCOMING)
 
     def _build_ae(self) -> AE:
         r = self.config.receiver
@@ -288,6 +287,10 @@ class Receiver:
         return 0x0000
 
     def _on_closed(self, event: Event) -> None:
+        abandoned = self.incoming.abandon(event.assoc)
+        if abandoned:
+            log.warning("incoming_files_abandoned", assoc_id=self._assoc_id(event.assoc),
+                        count=abandoned)
         if event.assoc.is_established or event.assoc.is_released or event.assoc.is_aborted:
             log.info("association_closed", assoc_id=self._assoc_id(event.assoc),
                      released=event.assoc.is_released, aborted=event.assoc.is_aborted)
@@ -306,8 +309,24 @@ class Receiver:
 
     def _store(self, event: Event, calling: str, started: float) -> Dataset:
         request_class = str(event.request.AffectedSOPClassUID)
+        incoming = self.incoming.take(event.dataset_path)
+        if incoming is None:  # pynetdicom did not use our file: an installation error, not input
+            raise Refusal(StoreStatus.OUT_OF_RESOURCES, "spool_error",
+                          "the data set was not received into the spool")
         try:
-            ds = event.dataset
+            return self._store_received(event, calling, started, request_class, incoming)
+        finally:
+            incoming.discard()  # drops the temporary name; a placed link keeps the file
+
+    def _store_received(self, event: Event, calling: str, started: float, request_class: str,
+                        incoming: IncomingFile) -> Dataset:
+        if incoming.error is not None:
+            full = incoming.error.errno in SPOOL_FULL_ERRNOS
+            raise Refusal(StoreStatus.OUT_OF_RESOURCES, "spool_full" if full else "spool_error",
+                          "out of disk space" if full else
+                          f"cannot write spool file: {incoming.error.strerror}")
+        try:
+            ds = read_header(incoming.path)
             uids = _identify(ds, request_class, str(
                 getattr(event.request, "AffectedSOPInstanceUID", "") or "").strip())
         except Refusal:
@@ -330,8 +349,7 @@ class Receiver:
                           f"cannot parse header ({type(e).__name__})", study_uid, sop_uid) from e
 
         keep = verdict.eligible or self.config.receiver.ineligible_instances == "keep"
-        body = event.encoded_dataset(include_meta=False)
-        temp = self._write_temp(event, uids, body) if keep else None
+        temp = self._sync(incoming, study_uid, sop_uid) if keep else None
         record = queue.InstanceRecord(
             study_uid=study_uid, series_uid=uids["SeriesInstanceUID"], sop_instance_uid=sop_uid,
             sop_class_uid=uids["SOPClassUID"],
@@ -341,8 +359,8 @@ class Receiver:
             view_position=(header["ViewPosition"] or "")[:16] or None,
             accession_number=accession, eligible=verdict.eligible,
             eligibility_reason=verdict.reason.value, spool_path=None,
-            size_bytes=len(body), calling_ae=calling,
-            content_hash=hashlib.sha256(body).hexdigest(),
+            size_bytes=incoming.body_bytes, calling_ae=calling,
+            content_hash=incoming.hexdigest(),
         )
         stored = self._record(record, temp)
         policy = self.config.receiver.duplicate_policy
@@ -356,27 +374,23 @@ class Receiver:
                 self.metrics.duplicate_conflicts.labels(policy).inc()
         log.info("instance_stored", sop_instance_uid=sop_uid, outcome=stored.outcome.value,
                  version=stored.version, eligible=verdict.eligible, reason=verdict.reason.value,
-                 kept=stored.spool_path is not None, reopened=stored.reopened, bytes=len(body),
+                 kept=stored.spool_path is not None, reopened=stored.reopened, bytes=incoming.body_bytes,
                  ms=round((time.perf_counter() - started) * 1000, 1))
         if self.metrics is not None:
             self.metrics.received.labels(str(verdict.eligible).lower(), verdict.reason.value).inc()
         return status_dataset(StoreStatus.SUCCESS)
 
-    def _write_temp(self, event: Event, uids: dict[str, str], body: bytes) -> Path:
-        """The received instance as a durable temporary spool file, or a 0xA700 Refusal."""
-        study_uid, sop_uid = uids["StudyInstanceUID"], uids["SOPInstanceUID"]
-        meta = DicomBytesIO()
-        meta.is_little_endian, meta.is_implicit_VR = True, False
-        write_file_meta_info(meta, event.file_meta, enforce_standard=True)
+    @staticmethod
+    def _sync(incoming: IncomingFile, study_uid: str, sop_uid: str) -> Path:
+        """The received file made durable (fsync), or a 0xA700 Refusal."""
         try:
-            return self.spool.write_temp(study_uid, uids["SeriesInstanceUID"], sop_uid,
-                                         [b"\x00" * 128, b"DICM", meta.getvalue(), body])
-        except SpoolFullError as e:
-            raise Refusal(StoreStatus.OUT_OF_RESOURCES, "spool_full", "out of disk space",
+            incoming.sync()
+        except OSError as e:
+            full = e.errno in SPOOL_FULL_ERRNOS
+            raise Refusal(StoreStatus.OUT_OF_RESOURCES, "spool_full" if full else "spool_error",
+                          "out of disk space" if full else f"cannot write spool file: {e.strerror}",
                           study_uid, sop_uid) from e
-        except SpoolError as e:
-            raise Refusal(StoreStatus.OUT_OF_RESOURCES, "spool_error", str(e),
-                          study_uid, sop_uid) from e
+        return incoming.path
 
     def _record(self, record: queue.InstanceRecord, temp: Path | None) -> queue.Stored:
         """Let the database decide NEW or DUPLICATE and record it, placing the file if kept.
@@ -421,8 +435,6 @@ class Receiver:
             raise Refusal(StoreStatus.OUT_OF_RESOURCES, "spool_error", str(e),
                           record.study_uid, record.sop_instance_uid) from e
         finally:
-            if temp is not None:
-                self.spool.discard(temp)
             for relative in placed:
                 if relative != keep:
                     self.spool.discard(self.spool.absolute(relative))
