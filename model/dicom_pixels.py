@@ -21,6 +21,7 @@ from pydicom.multival import MultiValue
 from pydicom.pixels import apply_modality_lut, apply_voi, get_decoder
 
 from model.errors import PreprocessError, Refusal
+from model.fast_decode import fast_first_frame
 
 GRAYSCALE = ("MONOCHROME1", "MONOCHROME2")
 COLOUR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "YBR_PARTIAL_420", "PALETTE COLOR")
@@ -91,22 +92,33 @@ def header_notes(ds: Dataset) -> tuple[str, ...]:
     return tuple(notes)
 
 
-def decode(ds: Dataset) -> tuple[np.ndarray, tuple[str, ...]]:
+def decode(ds: Dataset, target: int | None = None) -> tuple[np.ndarray, tuple[str, ...]]:
     """The first frame's stored values; notes say when frames were skipped.
+
+    ``target``: the most pixels either side will have once resized (the network's input
+    size). JPEG 2000 is then decoded at the lowest resolution that keeps twice that on
+    the short side (:mod:`model.fast_decode`), so the array can be smaller than
+    Rows x Columns; None decodes at full resolution.
 
     A transfer syntax no installed plugin decodes is ``unsupported_transfer_syntax``;
     data that a plugin for its syntax cannot decode is ``corrupt_pixel_data``."""
     if not _decoder_available(ds):
         raise PreprocessError(Refusal.UNSUPPORTED_TRANSFER_SYNTAX,
                               f"no decoder installed for {ds.file_meta.TransferSyntaxUID.name}")
-    try:
-        arr = ds.pixel_array
-    except Exception as e:  # noqa: BLE001 - the image's decode boundary: recorded as its refusal reason
-        raise PreprocessError(Refusal.CORRUPT_PIXEL_DATA, f"{type(e).__name__} while decoding") from e
     notes: tuple[str, ...] = header_notes(ds)
     frames = int(ds.get("NumberOfFrames", 1) or 1)
+    fast = fast_first_frame(ds, target)
+    if fast is not None:
+        arr = fast
+    else:
+        try:
+            arr = ds.pixel_array
+        except Exception as e:  # noqa: BLE001 - the image's decode boundary: recorded as its refusal reason
+            raise PreprocessError(Refusal.CORRUPT_PIXEL_DATA,
+                                  f"{type(e).__name__} while decoding") from e
+        if frames > 1:
+            arr = arr[0]
     if frames > 1:
-        arr = arr[0]
         notes += (f"multiframe: scored frame 1 of {frames}",)
     if arr.ndim != 2:
         raise PreprocessError(Refusal.NOT_GRAYSCALE, f"decoded array has shape {arr.shape}")
@@ -186,10 +198,13 @@ def display_lut(ds: Dataset, values: np.ndarray, counts: np.ndarray, percent: fl
     return out.astype(np.float32), how
 
 
-def dicom_display(ds: Dataset, max_side: int, percent: float) -> Display:
-    """Decode ``ds`` and apply Modality LUT, VOI, and MONOCHROME1 inversion."""
+def dicom_display(ds: Dataset, max_side: int, percent: float, target: int | None = None) -> Display:
+    """Decode ``ds`` and apply Modality LUT, VOI, and MONOCHROME1 inversion.
+
+    ``target``: the most pixels either side will have once resized (None: kept at full
+    resolution); JPEG 2000 may then be decoded smaller, see :func:`decode`."""
     check_header(ds, max_side)
-    arr, notes = decode(ds)
+    arr, notes = decode(ds, target)
     if arr.dtype.kind == "f":
         # Float Pixel Data has no stored-value LUT; window it directly.
         flat = np.nan_to_num(arr.astype(np.float64))

@@ -92,14 +92,20 @@ def read_dicom(path: str | Path) -> Dataset:
         raise PreprocessError(Refusal.NOT_READABLE, f"cannot read the file ({type(e).__name__})") from e
 
 
-def load_display(source: Dataset | str | Path, spec: PreprocessSpec) -> Display:
-    """The display image of a DICOM data set/file or a PNG/JPG file."""
+def load_display(source: Dataset | str | Path, spec: PreprocessSpec, *,
+                 full_resolution: bool = False) -> Display:
+    """The display image of a DICOM data set/file or a PNG/JPG file.
+
+    Meant for resizing to ``spec.input_size``: JPEG 2000 is decoded at reduced
+    resolution where that size allows (docs/model.md, "Reduced-resolution decoding");
+    ``full_resolution`` decodes every pixel, for showing the image itself."""
+    target = None if full_resolution else spec.input_size
     if isinstance(source, Dataset):
-        return dicom_display(source, spec.max_side, spec.window_percent)
+        return dicom_display(source, spec.max_side, spec.window_percent, target)
     path = Path(source)
     if path.suffix.lower() in RASTER_SUFFIXES:
         return raster_display(path, spec.max_side)
-    return dicom_display(read_dicom(path), spec.max_side, spec.window_percent)
+    return dicom_display(read_dicom(path), spec.max_side, spec.window_percent, target)
 
 
 def _block_mean(image: np.ndarray, factor: int) -> np.ndarray:
