@@ -39,6 +39,8 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("serve", help="run the DICOM receiver, the scheduler and the sender "
                                  "(and a worker unless worker.embedded = false)")
     sub.add_parser("worker", help="score queued studies and write their SRs")
+    sub.add_parser("receive", help="one more receiver process; serve starts these "
+                                   "(receiver.processes), not you")
     requeue = sub.add_parser("requeue", help="put failed jobs back in the queue")
     target = requeue.add_mutually_exclusive_group(required=True)
     target.add_argument("study_uid", nargs="?")
@@ -101,6 +103,10 @@ def _dispatch(args: argparse.Namespace, config: Config) -> int:
         from daemon.worker import run_worker
 
         return run_worker(config)
+    if args.command == "receive":
+        from daemon.receivers import run_receiver
+
+        return run_receiver(config)
     if args.command == "db":
         return _db(args, config)
     if args.command in ("requeue", "deliveries", "resend"):

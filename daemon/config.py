@@ -65,6 +65,10 @@ class ReceiverConfig:
     bind_address: str = "0.0.0.0"
     port: int = 11112
     max_associations: int = 10
+    processes: int = 1
+    """Receiver processes accepting on the one port (SO_REUSEPORT; Linux spreads the connections
+    over them). ``serve`` runs one receiver itself and supervises ``processes - 1`` more; the
+    association and connection limits apply to each process."""
     max_pdu_size: int = 262_144
     """The largest P-DATA PDU we accept (advertised in the A-ASSOCIATE-AC); a larger one aborts."""
     max_association_request_size: int = 65_536
@@ -415,6 +419,7 @@ def _check_semantics(config: Config) -> None:
         _require(False, "receiver.bind_address", r.bind_address, "an IPv4 or IPv6 address")
     _require(r.max_associations >= 1, "receiver.max_associations", r.max_associations,
              "an integer >= 1")
+    _require(1 <= r.processes <= 64, "receiver.processes", r.processes, "an integer from 1 to 64")
     _require(4096 <= r.max_pdu_size <= 16 * 2**20, "receiver.max_pdu_size", r.max_pdu_size,
              "an integer from 4096 to 16777216 (0, unlimited, is no longer accepted)")
     _require(4096 <= r.max_association_request_size <= 2**20,

@@ -33,11 +33,13 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from daemon.config import Config
+from daemon.dicom.incoming import remove_stale
 from daemon.dicom.receiver import Receiver
 from daemon.dicom.transport import slots_check
 from daemon.disk import DiskGuard
 from daemon.exceptions import SpoolError
 from daemon.output import emit
+from daemon.receivers import ReceiverProcesses
 from daemon.results.report import with_threshold_overrides
 from daemon.scheduler import build_scheduler
 from daemon.spool import Spool
@@ -241,9 +243,10 @@ def check_model(config: Config) -> Manifest:
     return read_manifest(Path(config.model.bundle))
 
 
-def _run_until_stopped(stop: threading.Event, worker: WorkerSupervisor | None, health: Health) -> None:
-    """Supervise the worker; tell systemd READY once the model is loaded, then ping the watchdog
-    while the service is alive (and stop pinging when it is not)."""
+def _run_until_stopped(stop: threading.Event, worker: WorkerSupervisor | None,
+                       receivers: ReceiverProcesses | None, health: Health) -> None:
+    """Supervise the worker and the receiver processes; tell systemd READY once the model is
+    loaded, then ping the watchdog while the service is alive (and stop pinging when it is not)."""
     interval = watchdog_interval_s()
     tick = min(1.0, interval) if interval else 1.0
     ready = False
@@ -251,6 +254,8 @@ def _run_until_stopped(stop: threading.Event, worker: WorkerSupervisor | None, h
     while not stop.wait(tick):
         if worker is not None:
             worker.check()
+        if receivers is not None:
+            receivers.check()
         if not ready:
             model = health.model_loaded()
             if model.ok:
@@ -299,7 +304,7 @@ def serve(config: Config) -> int:
         log.info("database_migrated", from_revision=before, to_revision=after)
     sessions = make_session_factory(engine)
     spool = Spool(config.spool_dir)
-    removed = spool.remove_temp_files()
+    removed = spool.remove_temp_files() + remove_stale(config.spool_dir)
     if removed:
         log.warning("spool_temp_files_removed", count=removed)
 
@@ -315,13 +320,18 @@ def serve(config: Config) -> int:
                     worker=worker.health if worker is not None else None,
                     receiver_slots=lambda: slots_check(receiver.server))
     http = HttpApi(config, sessions, health, metrics) if config.http.enabled else None
+    receivers: ReceiverProcesses | None = None
     try:
         receiver.start()
+        if config.receiver.processes > 1:
+            receivers = ReceiverProcesses(config, config.receiver.processes - 1, _die_with_parent)
         if http is not None:
             http.start()
     except (OSError, SpoolError) as e:
         log.error("listen_failed", dicom_port=config.receiver.port, http_port=config.http.port, error=str(e))
         receiver.stop(0)
+        if receivers is not None:
+            receivers.stop(0)
         if worker is not None:
             worker.stop(config.receiver.shutdown_grace_s)
         scheduler.shutdown(wait=True)
@@ -330,11 +340,15 @@ def serve(config: Config) -> int:
     log.info("serving", config=config.source, state_dir=str(config.state_dir),
              database=display_url(engine),
              http_port=http.port if http is not None else None)
-    _run_until_stopped(stop, worker, health)
+    _run_until_stopped(stop, worker, receivers, health)
     notify("STOPPING=1")
     if http is not None:
         http.stop()
+    if receivers is not None:
+        receivers.terminate()  # they drain while serve's own receiver does
     receiver.stop(config.receiver.shutdown_grace_s)
+    if receivers is not None:
+        receivers.wait(config.receiver.shutdown_grace_s)
     if worker is not None:
         worker.stop(config.receiver.shutdown_grace_s)
     scheduler.shutdown(wait=True)

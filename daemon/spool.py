@@ -28,6 +28,10 @@ from daemon.exceptions import SpoolError, SpoolFullError
 from model.durable import fsync_dir
 
 TEMP_SUFFIX = ".partial"
+INCOMING = ".incoming"
+"""The spool sub-folder of data sets in transfer: one folder per receiver process,
+``<host>-<pid>``, so a process cleans up after a dead one without touching a live one's files
+(several hosts' receivers may share the spool); see :mod:`daemon.dicom.incoming`."""
 MARKER = ".opacityd-spool"
 """A file in the spool root, written by the receiver: its absence means an unmounted spool."""
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
@@ -170,6 +174,8 @@ class Spool:
         if not self.root.exists():
             return 0
         for path in self.root.rglob(f"*{TEMP_SUFFIX}"):
+            if INCOMING in path.relative_to(self.root).parts[:1]:
+                continue  # receivers' files in transfer: see daemon.dicom.incoming.remove_stale
             path.unlink(missing_ok=True)
             removed += 1
         return removed

@@ -18,14 +18,16 @@ the file and unlinks that name. We give it, for the associations of a registered
 
 Associations of other AEs in the process (a test's PACS) get pynetdicom's own temporary file.
 A file whose association ends before its handler ran (an abort mid-transfer) is removed when
-the association closes; a crash leaves ``*.partial`` files that ``Spool.remove_temp_files``
-removes at start-up.
+the association closes; the files of a process that died are removed with its folder
+(:func:`remove_stale`: at start-up, and by ``serve`` when a receiver process of its own dies).
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import shutil
+import socket
 import struct
 import threading
 import uuid
@@ -40,12 +42,33 @@ from pynetdicom import AE, _config, dimse_messages
 from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
 
-from daemon.spool import TEMP_SUFFIX
+from daemon.pids import pid_alive
+from daemon.spool import INCOMING, TEMP_SUFFIX
 
-INCOMING = ".incoming"
-"""The spool sub-folder that receives data sets in transfer."""
 _META_PREFIX = 128 + 4 + 12
 """Preamble, ``DICM`` and the File Meta Information Group Length element (explicit VR UL)."""
+
+
+def incoming_folder(spool_root: Path) -> Path:
+    """This process's folder for data sets in transfer."""
+    return spool_root / INCOMING / f"{socket.gethostname()}-{os.getpid()}"
+
+
+def remove_stale(spool_root: Path, pid: int | None = None) -> int:
+    """Remove the incoming folders of this host's dead receiver processes (or of ``pid``,
+    which the caller knows is dead); returns how many files went with them."""
+    parent = spool_root / INCOMING
+    host = socket.gethostname()
+    removed = 0
+    for folder in parent.iterdir() if parent.is_dir() else ():
+        owner, _, number = folder.name.rpartition("-")
+        if owner != host or not number.isdigit():
+            continue
+        if (int(number) != pid) if pid is not None else pid_alive(int(number)):
+            continue
+        removed += sum(1 for p in folder.iterdir() if p.is_file())
+        shutil.rmtree(folder, ignore_errors=True)
+    return removed
 
 
 class IncomingFile:

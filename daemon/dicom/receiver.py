@@ -1,11 +1,14 @@
 """The DICOM Storage SCP: accept, write durably, record, then acknowledge.
 
 The C-STORE handler is thin. It never decodes pixels and never runs the
-model: it parses the header, writes the received bytes to a temporary spool
-file (fsync), and in one transaction lets the database decide NEW or DUPLICATE
-(by SOP Instance UID and the sha256 of the data set), links a kept file under a
-name nobody holds (fsync of the folder) and records the rows; only after the
-commit does it answer 0x0000. An acknowledged file is never replaced or removed
+model. pynetdicom writes the data set into the spool as it arrives
+(:mod:`daemon.dicom.incoming`); the handler parses the header (pixel data
+skipped), fsyncs the file, and hands the record to the process's writer thread
+(:mod:`daemon.dicom.group_commit`), which in one transaction for all waiting
+records lets the database decide NEW or DUPLICATE (by SOP Instance UID and the
+sha256 of the data set), links a kept file under a name nobody holds (fsync of
+the folder) and records the rows; only after that commit does the handler
+answer 0x0000. An acknowledged file is never replaced or removed
 by a later association (``receiver.duplicate_policy``, docs/conformance.md).
 Each expected failure is a specific status (see :mod:`daemon.dicom.statuses`) with an
 Error Comment and a logged reason.
@@ -58,15 +61,15 @@ from sqlalchemy.orm import Session, sessionmaker
 from daemon.config import Config
 from daemon.dicom.access import REJECTED_PERMANENT, SOURCE_SERVICE_USER, AccessPolicy
 from daemon.dicom.eligibility import classify
-from daemon.dicom.incoming import INCOMING, IncomingFile, read_header, receive_into
+from daemon.dicom.group_commit import CommitRefused, GroupCommitter
+from daemon.dicom.incoming import IncomingFile, incoming_folder, read_header, receive_into
 from daemon.dicom.statuses import StoreStatus, status_dataset
 from daemon.dicom.transport import GuardedAssociationServer, Limits, start_server
 from daemon.disk import DiskGuard
-from daemon.exceptions import SpoolError, SpoolFullError
 from daemon.spool import SPOOL_FULL_ERRNOS, Spool, is_valid_uid
 from daemon.web.metrics import Metrics
 from db import queue
-from db.engine import read_only, unit_of_work
+from db.engine import unit_of_work
 
 log = structlog.get_logger("opacityd.receiver")
 
@@ -172,10 +175,11 @@ class Receiver:
         self.metrics = metrics
         self.policy = AccessPolicy(config.receiver.ae_title, config.receiver.peers)
         self.server: GuardedAssociationServer | None = None
+        self.committer: GroupCommitter | None = None
         self._assoc_ids: weakref.WeakKeyDictionary[Association, str] = weakref.WeakKeyDictionary()
         self._ids_lock = threading.Lock()
         self.ae = self._build_ae()
-        self.incoming = receive_into(self.ae, spool.root / INCOMING)
+        self.incoming = receive_into(self.ae, incoming_folder(spool.root))
 
     def _build_ae(self) -> AE:
         r = self.config.receiver
@@ -213,8 +217,10 @@ class Receiver:
         r = self.config.receiver
         if self.spool.mark():
             log.info("spool_marked", root=str(self.spool.root))
+        self.committer = GroupCommitter(self.sessions, self.spool, r.duplicate_policy)
         self.server = start_server(self.ae, (r.bind_address, r.port), Limits.from_config(r),
-                                   self.handlers, _tls_context(self.config), self.metrics)
+                                   self.handlers, _tls_context(self.config), self.metrics,
+                                   reuse_port=r.processes > 1)
         log.info("receiver_listening", ae_title=r.ae_title, address=r.bind_address, port=self.port,
                  tls=r.tls.enabled, max_associations=r.max_associations,
                  max_pdu_size=r.max_pdu_size)
@@ -241,6 +247,9 @@ class Receiver:
             self.server.abort_associations()
         for assoc in leftover:
             assoc.abort()
+        if self.committer is not None:
+            self.committer.stop()
+            self.committer = None
         log.info("receiver_stopped", aborted_associations=len(leftover))
         return len(leftover)
 
@@ -393,66 +402,16 @@ class Receiver:
         return incoming.path
 
     def _record(self, record: queue.InstanceRecord, temp: Path | None) -> queue.Stored:
-        """Let the database decide NEW or DUPLICATE and record it, placing the file if kept.
-
-        One transaction: the decision, the link of ``temp`` under a free name (never over
-        an existing file), the row, the commit. Whatever happens, the temporary file goes
-        and so does every name this call linked that no committed row points to; a file
-        of an earlier C-STORE is never touched. Raises a 0xA700 :class:`Refusal` when the
-        database or the spool fails.
-        """
-        placed: list[str] = []
-
-        def place(version: int) -> str | None:
-            if temp is None:
-                return None
-            relative = self.spool.place(temp, record.study_uid, record.series_uid,
-                                        record.sop_instance_uid, version)
-            placed.append(relative)
-            return relative
-
-        keep: str | None = None
-        committing = False
+        """Record the instance in the writer's next commit (placing ``temp`` if kept); a
+        0xA700 :class:`Refusal` when the database or the spool fails."""
+        if self.committer is None:
+            raise Refusal(StoreStatus.OUT_OF_RESOURCES, "shutting_down", "the receiver is stopping",
+                          record.study_uid, record.sop_instance_uid)
         try:
-            with self.sessions() as session:
-                with session.begin():
-                    stored = queue.record_instance(
-                        session, record, utcnow(), policy=self.config.receiver.duplicate_policy,
-                        place=place)
-                    committing = True
-                keep = stored.spool_path
-            return stored
-        except SQLAlchemyError as e:
-            if committing:
-                keep = self._recorded_after_failed_commit(placed)
-            raise Refusal(StoreStatus.OUT_OF_RESOURCES, "database_error",
-                          f"database unavailable ({type(e).__name__})", record.study_uid,
+            return self.committer.record(record, temp)
+        except CommitRefused as e:
+            raise Refusal(e.status, e.reason, e.comment, record.study_uid,
                           record.sop_instance_uid) from e
-        except SpoolFullError as e:
-            raise Refusal(StoreStatus.OUT_OF_RESOURCES, "spool_full", "out of disk space",
-                          record.study_uid, record.sop_instance_uid) from e
-        except SpoolError as e:
-            raise Refusal(StoreStatus.OUT_OF_RESOURCES, "spool_error", str(e),
-                          record.study_uid, record.sop_instance_uid) from e
-        finally:
-            for relative in placed:
-                if relative != keep:
-                    self.spool.discard(self.spool.absolute(relative))
-
-    def _recorded_after_failed_commit(self, placed: list[str]) -> str | None:
-        """After a COMMIT that raised (its outcome unknown on a client-server database): the
-        placed name a committed row points to, if any. When even that cannot be read, the
-        last placed name is kept: an orphan file costs disk, a removed acknowledged one a loss."""
-        if not placed:
-            return None
-        try:
-            with read_only(self.sessions) as session:
-                recorded = queue.recorded_spool_paths(session, placed)
-        except SQLAlchemyError as e:
-            log.warning("spool_file_kept_commit_unknown", spool_path=placed[-1],
-                        error=type(e).__name__)
-            return placed[-1]
-        return next(iter(recorded), None)
 
     def _refuse(self, refusal: Refusal, calling: str) -> Dataset:
         log.warning("instance_refused", status=f"0x{int(refusal.status):04X}",

@@ -510,8 +510,9 @@ class GuardedAssociationServer(ThreadedAssociationServer):
                  ae_title: str, contexts: list[PresentationContext],
                  ssl_context: ssl.SSLContext | None = None,
                  evt_handlers: list[evt.EventHandlerType] | None = None, *, limits: Limits,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None, reuse_port: bool = False) -> None:
         self.limits = limits
+        self.reuse_port = reuse_port
         self.metrics = metrics
         self.closing = False
         self._lock = threading.Lock()
@@ -527,6 +528,13 @@ class GuardedAssociationServer(ThreadedAssociationServer):
         if metrics is not None:
             metrics.connections.labels("pending").set_function(lambda: self.counts()[1])
             metrics.connections.labels("associated").set_function(lambda: self.counts()[0])
+
+    def server_bind(self) -> None:
+        """With ``reuse_port``, several receiver processes listen on the one port and the
+        kernel spreads new connections over them (SO_REUSEPORT, Linux 3.9)."""
+        if self.reuse_port:
+            cast(socket.socket, self.socket).setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
 
     # -- accept loop -------------------------------------------------------------------
 
@@ -716,11 +724,12 @@ class GuardedAssociationServer(ThreadedAssociationServer):
 
 def start_server(ae: ApplicationEntity, address: tuple[str, int], limits: Limits,
                  handlers: list[evt.EventHandlerType], ssl_context: ssl.SSLContext | None,
-                 metrics: Metrics | None) -> GuardedAssociationServer:
+                 metrics: Metrics | None, reuse_port: bool = False) -> GuardedAssociationServer:
     """What ``AE.start_server(block=False)`` does, with :class:`GuardedAssociationServer`."""
     server = cast(GuardedAssociationServer, ae.make_server(
         address, ssl_context=ssl_context, evt_handlers=handlers,
-        server_class=GuardedAssociationServer, limits=limits, metrics=metrics))
+        server_class=GuardedAssociationServer, limits=limits, metrics=metrics,
+        reuse_port=reuse_port))
     thread = threading.Thread(target=server.serve_forever, name="AcceptorServer", daemon=True)
     thread.start()
     # As AE.start_server does; server.shutdown() removes it again.
