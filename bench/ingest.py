@@ -28,11 +28,13 @@ import sqlite3
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import sqlalchemy as sa
 
+from model.durable import fsync_dir
 from tests.conftest import DCMTK_ENV, ECHOSCU, OPACITYD, STORESCP, STORESCU, free_port, write_config
 from tests.factories import write_series
 from tests.pg import PostgresCluster, available
@@ -156,16 +158,49 @@ def _demo_bundle(workdir: Path) -> Path:
     return bundle
 
 
+def run_fsync_floor(workdir: Path, files: list[Path], associations: int, megabytes: float) -> Run:
+    """No network, no database: ``associations`` threads each copy their share of the files
+    (read, write a new file, fsync it, rename, fsync the folder). What this disk allows for
+    storage that survives a power cut, the part of opacityd's promise storescp skips."""
+    out = workdir / "fsync-floor"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+
+    def copy(chunk: list[Path]) -> int:
+        for n, path in enumerate(chunk):
+            data = path.read_bytes()
+            temp, final = out / f".{path.name}.{n}.tmp", out / f"{path.parent.name}-{path.name}"
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(temp, final)
+            fsync_dir(out)
+        return len(chunk)
+
+    chunks = [files[i::associations] for i in range(associations)]
+    started = time.perf_counter()
+    with ThreadPoolExecutor(associations) as pool:
+        done = sum(pool.map(copy, chunks))
+    return Run("fsync-floor", associations, time.perf_counter() - started, len(files), megabytes,
+               done, None)
+
+
 def run_opacityd(workdir: Path, files: list[Path], associations: int, megabytes: float,
-                 database_url: str = "", processes: int = 1) -> Run:
+                 database_url: str = "", processes: int = 1, receiver_processes: int = 1) -> Run:
     """``processes`` `serve` processes (embedded worker off when more than one, so that only
     receiving is measured) sharing one state folder and the database at ``database_url``
-    (empty: SQLite in the state folder)."""
+    (empty: SQLite in the state folder); each with ``receiver.processes = receiver_processes``."""
     folder = workdir / "opacityd"
     shutil.rmtree(folder, ignore_errors=True)
     bundle = _demo_bundle(workdir)
     ports = [free_port() for _ in range(processes)]
-    extra = "[worker]\nembedded = false\n" if processes > 1 else ""
+    extra = f"processes = {receiver_processes}\n"
+    extra += "[worker]\nembedded = false\n" if processes > 1 else ""
     procs: list[subprocess.Popen[bytes]] = []
     try:
         for i, port in enumerate(ports):
@@ -192,6 +227,7 @@ def run_opacityd(workdir: Path, files: list[Path], associations: int, megabytes:
         with sqlite3.connect(folder / "state" / "opacityd.sqlite3") as db:
             held = db.execute(held_sql).fetchone()[0]
     name = "opacityd" if processes == 1 else f"opacityd x{processes}"
+    name += f" rp{receiver_processes}" if receiver_processes > 1 else ""
     return Run(name, associations, seconds, len(files), megabytes, acked, held)
 
 
@@ -255,6 +291,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", type=Path, default=Path("bench/out/ingest"))
     p.add_argument("--database", choices=("sqlite", "postgres"), default="sqlite",
                    help="postgres: compare PostgreSQL with SQLite and scale receiver processes")
+    p.add_argument("--receiver-processes", type=int, default=os.cpu_count() or 2,
+                   help="receiver.processes of the second opacityd run (default: one per CPU)")
     p.add_argument("--receivers", default="1,2,4",
                    help="receiver process counts for --database postgres (comma-separated)")
     args = p.parse_args(argv)
@@ -277,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
                           "lost": lost, **headline}))
         return 1 if lost else 0
     orthanc = Path(ORTHANC).exists()
-    results: list[tuple[Run, Run, Run | None, Run]] = []
+    results: list[tuple[Run, Run, Run | None, Run, Run, Run]] = []
     for associations in (1, 4):
         for i in range(args.repeat):
             step = f"[{associations} assoc, run {i + 1}/{args.repeat}]"
@@ -289,33 +327,48 @@ def main(argv: list[str] | None = None) -> int:
             if orthanc:
                 _progress(f"{step} Orthanc ...")
                 other = run_orthanc(args.workdir, files, associations, megabytes)
+            _progress(f"{step} fsync floor (copy + fsync, no network) ...")
+            durable = run_fsync_floor(args.workdir, files, associations, megabytes)
             _progress(f"{step} opacityd serve ...")
             ours = run_opacityd(args.workdir, files, associations, megabytes)
-            results.append((ref, floor, other, ours))
+            _progress(f"{step} opacityd serve, receiver.processes = {args.receiver_processes} ...")
+            multi = run_opacityd(args.workdir, files, associations, megabytes,
+                                 receiver_processes=args.receiver_processes)
+            results.append((ref, floor, other, durable, ours, multi))
     print(f"\ningest: {len(files)} files ({args.small} x 512x512, {args.large} x 2500x2048, 16-bit), "
           f"{megabytes:.0f} MB, pushed by DCMTK storescu")
-    print(f"{'assoc':>5}  {'storescp f/s':>12} {'MB/s':>5}  {'pynetdicom-null f/s':>19}  "
-          f"{'orthanc f/s':>11}  {'opacityd f/s':>12} {'MB/s':>5}  {'vs storescp':>11}  "
-          f"{'vs null':>7}  {'vs orthanc':>10}  acked/held")
+    n = args.receiver_processes
+    print(f"{'assoc':>5}  {'storescp f/s':>12} {'MB/s':>5}  {'null f/s':>8}  {'orthanc f/s':>11}  "
+          f"{'fsync-floor f/s':>15}  {'opacityd f/s':>12} {'MB/s':>5}  {f'opacityd rp{n}':>13}  "
+          f"{'vs storescp':>11}  {f'rp{n} vs storescp':>16}  {'vs null':>7}  {'vs orthanc':>10}  "
+          f"{'vs fsync-floor':>14}  acked/held")
     lost = 0
     rows = []
-    for ref, floor, other, ours in results:
-        held = ours.held if ours.held is not None else -1
-        lost += max(0, ours.acked - held)
-        vs_orthanc = ours.rate / other.rate if other is not None else float("nan")
-        print(f"{ours.associations:>5}  {ref.rate:>12.1f} {ref.mbps:>5.0f}  {floor.rate:>19.1f}  "
-              f"{other.rate if other is not None else float('nan'):>11.1f}  "
-              f"{ours.rate:>12.1f} {ours.mbps:>5.0f}  {ours.rate / ref.rate:>11.2f}  "
-              f"{ours.rate / floor.rate:>7.2f}  {vs_orthanc:>10.2f}  {ours.acked}/{held}")
+    for ref, floor, other, durable, ours, multi in results:
+        lost += sum(max(0, r.acked - (r.held if r.held is not None else -1)) for r in (ours, multi))
+        best = max(ours, multi, key=lambda r: r.rate)
+        vs_orthanc = best.rate / other.rate if other is not None else float("nan")
+        print(f"{ours.associations:>5}  {ref.rate:>12.1f} {ref.mbps:>5.0f}  {floor.rate:>8.1f}  "
+              f"{other.rate if other is not None else float('nan'):>11.1f}  {durable.rate:>15.1f}  "
+              f"{ours.rate:>12.1f} {ours.mbps:>5.0f}  {multi.rate:>13.1f}  "
+              f"{ours.rate / ref.rate:>11.2f}  {multi.rate / ref.rate:>16.2f}  "
+              f"{best.rate / floor.rate:>7.2f}  {vs_orthanc:>10.2f}  {best.rate / durable.rate:>14.2f}  "
+              f"{ours.acked}/{ours.held}, {multi.acked}/{multi.held}")
         rows.append({"associations": ours.associations, "storescp_fps": round(ref.rate, 1),
                      "null_fps": round(floor.rate, 1),
                      "orthanc_fps": round(other.rate, 1) if other is not None else None,
+                     "fsync_floor_fps": round(durable.rate, 1),
                      "opacityd_fps": round(ours.rate, 1),
+                     f"opacityd_rp{n}_fps": round(multi.rate, 1),
                      "vs_storescp": round(ours.rate / ref.rate, 3),
-                     "vs_orthanc": round(vs_orthanc, 3) if other is not None else None})
+                     f"rp{n}_vs_storescp": round(multi.rate / ref.rate, 3),
+                     "best_vs_orthanc": round(vs_orthanc, 3) if other is not None else None,
+                     "best_vs_fsync_floor": round(best.rate / durable.rate, 3)})
     print("storescp (--fork) writes without fsync; pynetdicom-null acknowledges and discards; "
-          "Orthanc stores with its default (durable) settings; opacityd fsyncs file and folder "
-          "and commits a row before each success.")
+          "Orthanc stores with its default (durable) settings; fsync-floor copies the files with "
+          "fsync and no network; opacityd fsyncs file and folder and commits a row before each "
+          f"success; rp{n}: receiver.processes = {n}. 'vs null/orthanc/fsync-floor' use the "
+          "better opacityd run.")
     print(f"acknowledged but not held by opacityd: {lost}")
     print(json.dumps({"bench": "ingest", "database": "sqlite", "files": len(files), "lost": lost,
                       "runs": rows}))

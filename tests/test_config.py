@@ -42,6 +42,7 @@ DEST = '[[destinations]]\nname = "p"\nhost = "h"\ncalled_ae = "P"\n'
     ("[receiver]\nineligible_instances = \"delete\"",
      "receiver.ineligible_instances = 'delete': expected one of 'keep', 'discard'"),
     ("[receiver]\nprot = 1", "receiver.prot: unknown key"),
+    ("[receiver]\nprocesses = 0", "receiver.processes = 0: expected an integer from 1 to 64"),
     ("[[receiver.peers]]\nae_title = \"X\"\naddresses = [\"10.0.0.300/8\"]",
      "receiver.peers[0].addresses[0] = '10.0.0.300/8'"),
     ("[receiver.tls]\nenabled = true", "receiver.tls.certificate = ''"),
