@@ -15,7 +15,7 @@ from daemon.dicom.sender import send_due
 from daemon.retention import purge_job
 from daemon.spool import Spool
 from db import queue
-from db.engine import unit_of_work
+from db.engine import read_only, unit_of_work
 
 log = structlog.get_logger("opacityd.scheduler")
 
@@ -26,6 +26,9 @@ def complete_studies(sessions: sessionmaker[Session], quiet_period: timedelta) -
     A database error is logged and the next tick tries again.
     """
     try:
+        with read_only(sessions) as session:
+            if not queue.any_quiet_study(session, quiet_period, datetime.now(UTC)):
+                return 0
         with unit_of_work(sessions) as session:
             closed = queue.complete_quiet_studies(session, quiet_period, datetime.now(UTC))
     except SQLAlchemyError as e:

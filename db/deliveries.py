@@ -64,6 +64,13 @@ def due_query(now: datetime, limit: int = 20
             .order_by(Delivery.next_attempt_at, Delivery.id).limit(limit))
 
 
+def any_due(session: Session, now: datetime) -> bool:
+    """Whether a delivery is due: a read, so that an idle tick takes no write lock (SQLite's
+    one writer is then free for the receivers)."""
+    return bool(session.scalar(sa.select(sa.exists().where(
+        Delivery.state == DeliveryState.PENDING, Delivery.next_attempt_at <= now))))
+
+
 def due(session: Session, now: datetime, limit: int = 20, *,
         lease: timedelta = DEFAULT_CLAIM_LEASE) -> list[DueDelivery]:
     """Claim the deliveries to attempt now: selected (locked against other senders on

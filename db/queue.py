@@ -328,6 +328,13 @@ def _holds_scorable(session: Session, study_id: int) -> bool:
     return bool(session.scalar(sa.select(sa.exists().where(Instance.study_id == study_id, HELD))))
 
 
+def any_quiet_study(session: Session, quiet_period: timedelta, now: datetime) -> bool:
+    """Whether a receiving study has been quiet for ``quiet_period``: a read, so that an idle
+    tick takes no write lock (SQLite's one writer is then free for the receivers)."""
+    return bool(session.scalar(sa.select(sa.exists().where(
+        Study.state == StudyState.RECEIVING, Study.last_received_at <= now - quiet_period))))
+
+
 def complete_quiet_studies(session: Session, quiet_period: timedelta, now: datetime,
                            actor: str = "scheduler") -> list[Completion]:
     """Close every receiving study with no instance for ``quiet_period``.

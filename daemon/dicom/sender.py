@@ -424,6 +424,9 @@ def send_due(config: Config, sessions: sessionmaker[Session], spool: Spool) -> i
         return 0
     lease = claim_lease(config.delivery)
     try:
+        with read_only(sessions) as session:
+            if not deliveries.any_due(session, datetime.now(UTC)):
+                return 0
         with unit_of_work(sessions) as session:
             due = deliveries.due(session, datetime.now(UTC), lease=lease)
     except SQLAlchemyError as e:
