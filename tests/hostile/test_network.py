@@ -29,7 +29,7 @@ from pynetdicom.sop_class import (
 )
 
 from daemon.config import load_config
-from daemon.dicom.incoming import INCOMING
+from daemon.spool import INCOMING
 from tests.conftest import free_port, wait_until, write_config
 from tests.daemon_process import DaemonProcess, start_daemon
 from tests.hostile.conftest import (
@@ -234,7 +234,7 @@ def test_a_data_set_beyond_its_bound_in_well_formed_pdus_aborts_the_association(
     assert sent < 64 << 20, f"serve took {sent} bytes of a data set bounded at 16 MiB"
     # What it had received went to the spool as it arrived; the cut-off transfer leaves nothing.
     incoming = target.config.parent / "state" / "spool" / INCOMING
-    wait_until(lambda: not any(incoming.iterdir()), timeout=5,
+    wait_until(lambda: not any(p.is_file() for p in incoming.rglob("*")), timeout=5,
                what="the cut-off data set's incoming file to be removed")
     assert watch.peak - watch.baseline < 80 * 1024
 
