@@ -12,6 +12,7 @@ assertion can fail."""
 from __future__ import annotations
 
 import copy
+import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -97,11 +98,11 @@ def _real_size_radiographs() -> dict[str, Dataset]:
 
 
 def _encoded(ds: Dataset, syntax: str, tmp: Path) -> Dataset:
+    """``ds`` in ``syntax``: JPEG lossless by DCMTK's dcmcjpeg (pydicom has no encoder for it,
+    and DCMTK writes 12-bit data at precision 16 as many senders do), the rest by pydicom."""
     if syntax in (pydicom.uid.JPEGLossless, pydicom.uid.JPEGLosslessSV1):
         if not Path(DCMCJPEG).exists():
             pytest.skip(f"{DCMCJPEG} not installed (apt-get install dcmtk)")
-        import subprocess
-
         source, target = tmp / "in.dcm", tmp / "out.dcm"
         ds.save_as(source, enforce_file_format=True)
         option = "+e1" if syntax == pydicom.uid.JPEGLosslessSV1 else "+el"
