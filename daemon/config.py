@@ -22,6 +22,8 @@ from daemon.retry import RetryPolicy
 ENV_CONFIG = "OPACITYD_CONFIG"
 ENV_STATE_DIR = "OPACITYD_STATE_DIR"
 ENV_MODEL = "OPACITYD_MODEL"
+MAX_THREADS = 256
+"""Largest thread count a [worker] key accepts (more is a typo, not a host)."""
 
 IneligiblePolicy = Literal["keep", "discard"]
 UnknownPolicy = Literal["accept", "reject"]
@@ -129,6 +131,12 @@ class WorkerConfig:
     batch_size: int = 8
     threads: int = 2
     """Preprocessing threads; decoding overlaps inference."""
+    inference_threads: int = 0
+    """Threads one network operation is split over (the backend's intra-op pool); 0: one per
+    CPU (``os.cpu_count()``). Under JAX only 1 (single-threaded XLA) or one per CPU exist."""
+    inference_inter_op_threads: int = 0
+    """Network operations run side by side (inter-op pool; TensorFlow, PyTorch); 0: the
+    backend's default."""
     poll_interval_s: float = 0.5
     lease_s: float = 300.0
     max_attempts: int = 5
@@ -456,6 +464,12 @@ def _check_semantics(config: Config) -> None:
     w = config.worker
     for name in ("batch_size", "threads", "max_attempts"):
         _require(getattr(w, name) >= 1, f"worker.{name}", getattr(w, name), "an integer >= 1")
+    for name in ("inference_threads", "inference_inter_op_threads"):
+        _require(0 <= getattr(w, name) <= MAX_THREADS, f"worker.{name}", getattr(w, name),
+                 f"an integer from 0 (the backend's default, one per CPU: {os.cpu_count()} "
+                 f"here) to {MAX_THREADS}")
+    _require(w.threads <= MAX_THREADS, "worker.threads", w.threads,
+             f"an integer from 1 to {MAX_THREADS}")
     for name in ("poll_interval_s", "lease_s", "retry_base_s", "restart_base_s"):
         _require(getattr(w, name) > 0, f"worker.{name}", getattr(w, name), "a number > 0")
     _require(w.retry_max_s >= w.retry_base_s, "worker.retry_max_s", w.retry_max_s,

@@ -55,6 +55,13 @@ DEST = '[[destinations]]\nname = "p"\nhost = "h"\ncalled_ae = "P"\n'
     (DEST + "send = []", "destinations[0].send = []: expected a non-empty list"),
     (DEST + "send = [\"sr\", \"sr\"]", "destinations[0].send = ['sr', 'sr']"),
     ("[summary]\nenabled = \"yes\"", "expected true or false"),
+    ("[worker]\ninference_threads = -1",
+     "worker.inference_threads = -1: expected an integer from 0 (the backend's default, one per CPU"),
+    ("[worker]\ninference_inter_op_threads = 1000",
+     "worker.inference_inter_op_threads = 1000: expected an integer from 0"),
+    ("[worker]\ninference_threads = \"all\"", "worker.inference_threads = 'all': expected an integer"),
+    ("[worker]\nthreads = 0", "worker.threads = 0: expected an integer >= 1"),
+    ("[worker]\nthreads = 999", "worker.threads = 999: expected an integer from 1 to 256"),
 ])
 def test_bad_values_name_the_key_the_value_and_what_is_accepted(tmp_path: Path, toml: str,
                                                                  message: str) -> None:
