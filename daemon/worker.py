@@ -1,12 +1,15 @@
 """`opacityd worker`: claim jobs, score their eligible images, write the SR, record the result.
 
 A separate process from the receiver. The model is loaded once; jobs are
-claimed in batches under a lease, renewed while the batch runs; images of all
-claimed jobs are decoded and preprocessed in a thread pool while the network
-runs, and predicted in batches. A study's probability is the maximum over its
-scored frontal images. A study whose images all fail preprocessing gets a "not
-analysable" result and SR listing the reasons. First SIGTERM finishes the
-current batch; a second exits at once.
+claimed in batches under a lease, renewed while the batch runs. The batches go
+through a pipeline: while the network scores one batch (the main thread), the
+next one is claimed and its images decoded and preprocessed (a thread pool),
+and the previous one is settled (one finisher thread: SRs, summaries, their
+files and the result rows, in claim order). A study's probability is the
+maximum over its scored frontal images. A study whose images all fail
+preprocessing gets a "not analysable" result and SR listing the reasons. First
+SIGTERM claims nothing more and finishes the batches held; a second exits at
+once.
 
 Fault boundaries: every job has one (reading its inputs, its images, its
 inference, building, writing and recording its SR); a failure there is logged
@@ -28,12 +31,13 @@ import threading
 import time
 import traceback
 import uuid
-from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import FrameType
+from typing import TypeVar
 
 import numpy as np
 import pydicom
@@ -58,6 +62,7 @@ from daemon.web.health import ready_marker
 from db import jobs
 from db.engine import check_reachable, create_db_engine, make_session_factory, read_only, unit_of_work
 from db.jobs import FailureReason
+from model.device import configure_threads
 from model.durable import fsync_dir
 from model.errors import BundleError, PreprocessError
 from model.gradcam import GradCam
@@ -65,6 +70,8 @@ from model.predictor import Predictor
 from model.preprocess import PreprocessSpec, displayed, preprocess, read_dicom
 
 log = structlog.get_logger("opacityd.worker")
+
+_T = TypeVar("_T")
 
 _TRANSIENT_INFERENCE = frozenset({"MemoryError", "ResourceExhaustedError", "OutOfMemoryError"})
 """Exception type names (any backend) of a network that ran out of memory: worth a retry."""
@@ -217,6 +224,54 @@ class LeaseRenewer:
                 self.release(job_id)
 
 
+class _CpuTimes:
+    """CPU seconds the worker's threads spent per stage, for ``worker_stopped``: where the
+    worker's share of the host goes (the network's pools are what is left of the process's)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._seconds = {"preprocess": 0.0, "settle": 0.0}
+
+    def add(self, stage: str, seconds: float) -> None:
+        with self._lock:
+            self._seconds[stage] += seconds
+
+    def timed(self, stage: str, fn: Callable[..., _T], *args: object) -> _T:
+        """``fn(*args)``, its thread's CPU time added to ``stage``."""
+        started = time.thread_time()
+        try:
+            return fn(*args)
+        finally:
+            self.add(stage, time.thread_time() - started)
+
+    def summary(self, process_s: float) -> dict[str, float]:
+        """``process_s`` (the process's CPU seconds) split: preprocessing (the pool), settling
+        (SRs, summaries, files, result rows) and the rest (the network's pools, claims,
+        Grad-CAM and the loop)."""
+        with self._lock:
+            seconds = dict(self._seconds)
+        return {"process": round(process_s, 2),
+                **{stage: round(value, 2) for stage, value in seconds.items()},
+                "network_and_rest": round(process_s - sum(seconds.values()), 2)}
+
+
+@dataclass
+class _Batch:
+    """One claimed batch on its way through the worker: claimed, its images submitted for
+    preprocessing (:meth:`Worker._begin_next`), collected (:meth:`Worker._collect`), scored
+    (:meth:`Worker._infer`), then settled (:meth:`Worker._settle`)."""
+
+    claimed: list[jobs.ClaimedJob]
+    renewer: LeaseRenewer
+    inputs: dict[int, list[jobs.JobInput]] = field(default_factory=dict)
+    images: list[_Image] = field(default_factory=list)
+    prepared: list[Future[_Prepared | Exception]] = field(default_factory=list)
+    """The images' preprocessing, in the pool; emptied once collected."""
+    failures: dict[int, tuple[JobFailure, BaseException | None]] = field(default_factory=dict)
+    broken: BaseException | None = None
+    """A fault in the batch's own bookkeeping while it was scored: its jobs fail with it."""
+
+
 class Worker:
     def __init__(self, config: Config, sessions: sessionmaker[Session], predictor: Predictor,
                  spool: Spool, owner: str | None = None) -> None:
@@ -232,6 +287,11 @@ class Worker:
         """Why the worker claims nothing now (``database``, ``spool_not_mounted``), or None."""
         self.waits = 0
         self.pool = ThreadPoolExecutor(config.worker.threads, thread_name_prefix="preprocess")
+        self.finisher = ThreadPoolExecutor(1, thread_name_prefix="finish")
+        """Settles scored batches (SRs, summaries, result rows) one at a time, in claim order,
+        while the network scores the next batch."""
+        self._settling: Future[None] | None = None
+        self._cpu = _CpuTimes()
         self.sr_destinations = [d.name for d in config.destinations
                                 if d.enabled and "sr" in d.send] if config.delivery.enabled else []
         self.summary_destinations = ([d.name for d in config.destinations
@@ -243,38 +303,101 @@ class Worker:
         """Grad-CAM for the loaded model, made at first use, or why it cannot be made."""
 
     def run(self, stop: threading.Event) -> None:
+        """Process batches until ``stop`` is set, as a pipeline: while the network scores one
+        batch, the next one is claimed and preprocessed (the pool) and the previous one is
+        settled (the finisher thread: SRs, summaries, files, result rows). At most three
+        batches are held: one settling, one scoring, one preprocessing. Once ``stop`` is set,
+        nothing more is claimed; what is held is scored and settled before this returns."""
         log.info("worker_started", owner=self.owner, model=self.manifest.label,
                  thresholds=dataclasses.asdict(self.manifest.thresholds),
                  device=self.predictor.device, sr_destinations=self.sr_destinations,
                  summary_destinations=self.summary_destinations,
                  hl7_destinations=self.hl7_destinations,
-                 shadow_mode=not self.config.delivery.enabled)
+                 shadow_mode=not self.config.delivery.enabled,
+                 batch_size=self.config.worker.batch_size,
+                 preprocess_threads=self.config.worker.threads)
+        started_cpu = time.process_time()
         faults = 0
-        while not stop.is_set():
-            try:
-                claimed = self.run_once()
-                faults = 0
-            except Exception:  # the run loop's boundary: a fault in bookkeeping never ends the worker
-                faults += 1
-                delay = self.retry.delay_s(faults)
-                log.exception("worker_loop_failed", consecutive=faults, retry_in_s=round(delay, 2))
-                stop.wait(delay)
-                continue
-            if not claimed:
-                # Waiting on the database or the spool mount backs off; an empty queue does not.
-                stop.wait(self.retry.delay_s(self.waits) if self.waiting
-                          else self.config.worker.poll_interval_s)
-        self.pool.shutdown(wait=True)
-        log.info("worker_stopped", owner=self.owner)
+        ahead: _Batch | None = None
+        try:
+            while ahead is not None or not stop.is_set():
+                batch, ahead = ahead, None
+                try:
+                    if batch is None:
+                        batch = self._begin_next()
+                    if batch is None:
+                        faults = 0
+                        # Waiting on the database or the spool mount backs off; an empty queue
+                        # does not.
+                        stop.wait(self.retry.delay_s(self.waits) if self.waiting
+                                  else self.config.worker.poll_interval_s)
+                        continue
+                    ahead = self._step(batch, prefetch=not stop.is_set())
+                    faults = 0
+                except Exception:  # the run loop's boundary: a fault in bookkeeping never ends the worker
+                    faults += 1
+                    delay = self.retry.delay_s(faults)
+                    log.exception("worker_loop_failed", consecutive=faults, retry_in_s=round(delay, 2))
+                    stop.wait(delay)
+        finally:
+            self._await_settling()
+            self.pool.shutdown(wait=True)
+            self.finisher.shutdown(wait=True)
+        log.info("worker_stopped", owner=self.owner,
+                 cpu_s=self._cpu.summary(time.process_time() - started_cpu))
 
     def run_once(self) -> int:
-        """Claim and process one batch of jobs; returns how many were claimed.
+        """Claim, score and settle one batch of jobs, one step after the other; returns how many
+        were claimed (0 also while the spool is not mounted or the database is unreachable)."""
+        batch = self._begin_next()
+        if batch is None:
+            return 0
+        try:
+            self._collect(batch)
+            self._infer(batch)
+        finally:
+            self._settle(batch)
+        return len(batch.claimed)
+
+    def _step(self, batch: _Batch, prefetch: bool) -> _Batch | None:
+        """Score ``batch`` and hand it to the finisher; with ``prefetch``, claim the next batch
+        once this one's inputs are ready, so that its preprocessing overlaps this one's
+        inference. Returns that next batch (None when nothing was claimed)."""
+        ahead = None
+        try:
+            self._collect(batch)
+            if prefetch:
+                ahead = self._begin_next()
+            self._infer(batch)
+        finally:
+            self._hand_over(batch)
+        return ahead
+
+    def _hand_over(self, batch: _Batch) -> None:
+        """Settle ``batch`` on the finisher thread, once the batch before it is settled (so
+        results are recorded in the order jobs were claimed, and one batch at most waits)."""
+        self._await_settling()
+        self._settling = self.finisher.submit(self._settle, batch)
+
+    def _await_settling(self) -> None:
+        """Wait until the batch handed to the finisher is settled."""
+        if self._settling is None:
+            return
+        try:
+            self._settling.result()
+        except Exception:  # noqa: BLE001 - _settle records its own failures; this is a bug in it
+            log.exception("batch_settling_failed")
+        self._settling = None
+
+    def _begin_next(self) -> _Batch | None:
+        """Claim the next batch under a lease and start preprocessing its images in the pool;
+        None when nothing was claimed.
 
         Claims nothing while the spool is not mounted here (no :data:`daemon.spool.MARKER`) or
         the database cannot be reached; both are logged when they begin and when they end."""
         if not self.spool.mounted():
             self._wait_for("spool_not_mounted", spool=str(self.spool.root))
-            return 0
+            return None
         try:
             with unit_of_work(self.sessions) as session:
                 now = utcnow()
@@ -284,18 +407,31 @@ class Worker:
                                           max_attempts=self.retry.max_attempts)
         except SQLAlchemyError as e:
             self._wait_for("database", error=describe(e))
-            return 0
+            return None
         if self.waiting is not None:
             log.info("worker_resumed", waited_for=self.waiting, polls=self.waits)
             self.waiting, self.waits = None, 0
-        for job in abandoned:
-            log.critical("job_abandoned", study_uid=job.study_uid, job_id=job.job_id,
-                         attempts=job.attempts, reason=FailureReason.ABANDONED.value)
-        if claimed:
-            with LeaseRenewer(self.sessions, self.owner, self.lease,
-                              [job.job_id for job in claimed]) as renewer:
-                self._process(claimed, renewer)
-        return len(claimed)
+        for gone in abandoned:
+            log.critical("job_abandoned", study_uid=gone.study_uid, job_id=gone.job_id,
+                         attempts=gone.attempts, reason=FailureReason.ABANDONED.value)
+        if not claimed:
+            return None
+        batch = _Batch(claimed, LeaseRenewer(self.sessions, self.owner, self.lease,
+                                             [job.job_id for job in claimed]).__enter__())
+        for job in claimed:
+            try:
+                with read_only(self.sessions) as session:
+                    batch.inputs[job.job_id] = jobs.job_inputs(session, job.study_id)
+            except Exception as e:  # noqa: BLE001 - this job's boundary: its inputs could not be read
+                batch.failures[job.job_id] = (classify(e, FailureReason.DATABASE_ERROR), e)
+        batch.images = [_Image(job, item.sop_instance_uid, self.spool.absolute(item.spool_path),
+                               item.content_hash)
+                        for job in claimed if job.job_id not in batch.failures
+                        for item in batch.inputs[job.job_id] if item.eligible and item.spool_path]
+        spec = self.predictor.manifest.preprocessing
+        batch.prepared = [self.pool.submit(self._cpu.timed, "preprocess", _prepare_guarded,
+                                           img.path, spec) for img in batch.images]
+        return batch
 
     def _wait_for(self, reason: str, **detail: str) -> None:
         """Note one poll spent waiting for ``reason``; logged at its start, then every 20th."""
@@ -306,56 +442,72 @@ class Worker:
             log.warning("worker_waiting", reason=reason, polls=self.waits,
                         retry_in_s=round(self.retry.delay_s(self.waits), 2), **detail)
 
-    def _process(self, claimed: list[jobs.ClaimedJob], renewer: LeaseRenewer) -> None:
-        """Score one claimed batch; every job ends done, retried or failed with its reason."""
-        failures: dict[int, tuple[JobFailure, BaseException | None]] = {}
-        inputs: dict[int, list[jobs.JobInput]] = {}
-        settled: set[int] = set()
+    def _collect(self, batch: _Batch) -> None:
+        """Wait for the batch's preprocessed images. Never raises: a fault here is the batch's
+        (:attr:`_Batch.broken`), and its jobs fail with it when it is settled."""
         try:
-            for job in claimed:
-                try:
-                    with read_only(self.sessions) as session:
-                        inputs[job.job_id] = jobs.job_inputs(session, job.study_id)
-                except Exception as e:  # noqa: BLE001 - this job's boundary: its inputs could not be read
-                    failures[job.job_id] = (classify(e, FailureReason.DATABASE_ERROR), e)
-            images = [_Image(job, item.sop_instance_uid, self.spool.absolute(item.spool_path),
-                             item.content_hash)
-                      for job in claimed if job.job_id not in failures
-                      for item in inputs[job.job_id] if item.eligible and item.spool_path]
-            spec = self.predictor.manifest.preprocessing
-            for img, prepared in zip(images, self.pool.map(lambda im: _prepare_guarded(im.path, spec),
-                                                           images), strict=True):
+            for img, future in zip(batch.images, batch.prepared, strict=True):
+                prepared = future.result()
                 if isinstance(prepared, BaseException):
-                    failures.setdefault(img.job.job_id,
-                                        (classify(prepared, FailureReason.PREPROCESS_ERROR), prepared))
+                    batch.failures.setdefault(
+                        img.job.job_id, (classify(prepared, FailureReason.PREPROCESS_ERROR), prepared))
                 else:
                     img.header, img.array, img.refusal, img.notes, img.repairs = prepared
-            ready = [img for img in images
-                     if img.array is not None and img.job.job_id not in failures]
+        except Exception as e:  # noqa: BLE001 - the batch's boundary: recorded on its jobs when settled
+            batch.broken = e
+        batch.prepared = []
+
+    def _infer(self, batch: _Batch) -> None:
+        """Score the batch's images in chunks of ``batch_size`` and take the heatmaps its
+        summaries show. Never raises (as :meth:`_collect`)."""
+        if batch.broken is not None:
+            return
+        try:
+            ready = [img for img in batch.images
+                     if img.array is not None and img.job.job_id not in batch.failures]
             batch_size = self.config.worker.batch_size
             for start in range(0, len(ready), batch_size):
-                self._predict(ready[start:start + batch_size], failures)
+                self._predict(ready[start:start + batch_size], batch.failures)
             if self.config.summary.enabled:
-                self._explain(ready, failures)
+                self._explain(ready, batch.failures)
             else:
                 for img in ready:
                     img.array = None
-            for job in claimed:
+        except Exception as e:  # noqa: BLE001 - the batch's boundary: recorded on its jobs when settled
+            batch.broken = e
+
+    def _settle(self, batch: _Batch) -> None:
+        """Finish every job of a scored batch (SR, summary, result row and deliveries) or record
+        its failure, then stop renewing the batch's leases. Every job ends done, retried or
+        failed with its reason; never raises."""
+        settled: set[int] = set()
+        started = time.thread_time()
+        try:
+            for job in batch.claimed:
                 settled.add(job.job_id)
-                if job.job_id in failures:
-                    failure, exc = failures[job.job_id]
+                if batch.broken is not None:
+                    with structlog.contextvars.bound_contextvars(study_uid=job.study_uid,
+                                                                 job_id=job.job_id):
+                        self._fail(job, classify(batch.broken, FailureReason.INTERNAL_ERROR),
+                                   batch.broken)
+                elif job.job_id in batch.failures:
+                    failure, exc = batch.failures[job.job_id]
                     with structlog.contextvars.bound_contextvars(study_uid=job.study_uid,
                                                                  job_id=job.job_id):
                         self._fail(job, failure, exc)
                 else:
-                    self._finish(job, inputs[job.job_id], [img for img in images if img.job is job])
-                renewer.release(job.job_id)
+                    self._finish(job, batch.inputs[job.job_id],
+                                 [img for img in batch.images if img.job is job])
+                batch.renewer.release(job.job_id)
         except Exception as e:  # noqa: BLE001 - the batch's boundary: a bug fails what is left (retried)
-            for job in claimed:
+            for job in batch.claimed:
                 if job.job_id not in settled:
                     with structlog.contextvars.bound_contextvars(study_uid=job.study_uid,
                                                                  job_id=job.job_id):
                         self._fail(job, classify(e, FailureReason.INTERNAL_ERROR), e)
+        finally:
+            batch.renewer.__exit__()
+            self._cpu.add("settle", time.thread_time() - started)
 
     def _predict(self, chunk: list[_Image],
                  failures: dict[int, tuple[JobFailure, BaseException | None]]) -> None:
@@ -368,8 +520,8 @@ class Worker:
             batch = np.stack([img.array for img in chunk if img.array is not None])
             if isinstance(explainer, GradCam):
                 # One forward pass gives the scores and what the heatmaps need.
-                outputs, activations = explainer.predict(batch)
-                probabilities = self.predictor.probabilities(outputs)
+                outputs, activations = explainer.predict(self.predictor.padded(batch))
+                probabilities = self.predictor.probabilities(outputs[:len(batch)])
             else:
                 probabilities = self.predictor.predict(batch)
         except Exception as e:  # noqa: BLE001 - the chunk's boundary: isolate the culprit, keep the rest
@@ -766,6 +918,9 @@ def run_worker(config: Config) -> int:
         return 2
     engine = create_db_engine(config.database_url, config.database.busy_timeout_ms)
     check_reachable(engine)  # raises DatabaseUnreachable: cli.main says so and exits 2
+    threads = configure_threads(config.worker.inference_threads or os.cpu_count() or 1,
+                                config.worker.inference_inter_op_threads)
+    log.info("inference_threads", preprocess=config.worker.threads, cpus=os.cpu_count(), **threads)
     predictor = Predictor(Path(config.model.bundle), warm_up_batch=1)
     try:
         worker = Worker(config, make_session_factory(engine), predictor, Spool(config.spool_dir))

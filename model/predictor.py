@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import keras
 import numpy as np
 import structlog
 
@@ -28,6 +29,8 @@ class Predictor:
         self.positive_index = self.manifest.positive_index
         size = self.manifest.input_size
         self.input_shape = (size, size, 3)
+        self.pads_batches = keras.backend.backend() == "jax"
+        """Whether :meth:`padded` pads: JAX compiles the network once per batch shape."""
         if warm_up_batch:
             self.predict(np.zeros((warm_up_batch, *self.input_shape), dtype=np.float32))
         log.info("model_loaded", model=self.manifest.name, version=self.manifest.version,
@@ -38,7 +41,21 @@ class Predictor:
         """Probabilities of the positive class, shape (n,), for a (n, size, size, 3) batch."""
         if batch.ndim != 4 or batch.shape[1:] != self.input_shape:
             raise ValueError(f"batch shape {batch.shape} does not match (n, {self.input_shape})")
-        return self.probabilities(self.model.predict_on_batch(batch.astype(np.float32, copy=False)))
+        outputs = self.model.predict_on_batch(self.padded(batch.astype(np.float32, copy=False)))
+        return self.probabilities(outputs)[:len(batch)]
+
+    def padded(self, batch: np.ndarray) -> np.ndarray:
+        """``batch`` with zero images appended up to the next power of two under JAX, which
+        compiles the network for each batch shape it sees: a worker then compiles
+        log2(batch_size) + 1 shapes instead of one per batch size. Unchanged on the other
+        backends (TensorFlow's traced function takes any batch size, PyTorch runs eagerly),
+        where padding would only cost compute. The caller keeps the first ``len(batch)`` rows
+        of the outputs."""
+        n = len(batch)
+        if not self.pads_batches or n & (n - 1) == 0:
+            return batch
+        filler = np.zeros(((1 << n.bit_length()) - n, *batch.shape[1:]), dtype=batch.dtype)
+        return np.concatenate([batch, filler])
 
     def probabilities(self, outputs: np.ndarray) -> np.ndarray:
         """P(positive class), shape (n,), from the model's outputs (n, classes)."""

@@ -20,7 +20,7 @@ from db.engine import unit_of_work
 from db.models import AuditEvent, Job, Result
 from db.states import AuditAction, JobState
 from model.predictor import Predictor
-from tests.conftest import Harness, running_receiver
+from tests.conftest import Harness, running_receiver, wait_until
 from tests.factories import make_dx
 
 
@@ -69,6 +69,40 @@ def test_two_workers_on_one_database_score_each_job_exactly_once(tmp_path: Path,
                 AuditEvent.action == AuditAction.JOB_CLAIMED).group_by(AuditEvent.actor)).all())
         assert sum(n for _, n in claims) == 12  # no job was claimed twice
         assert {actor for actor, _ in claims} == {"w0", "w1"}
+
+
+def test_the_run_loop_scores_the_next_batch_while_one_settles_and_stop_settles_all_it_holds(
+        tmp_path: Path, predictor: Predictor, monkeypatch: pytest.MonkeyPatch) -> None:
+    with running_receiver(tmp_path, quiet_s=600) as h:
+        h.store(*[make_dx(96, 96, seed=i) for i in range(6)])
+        _close_studies(h)
+        worker = _worker(h, predictor, "w", batch_size=2)
+        settle = worker._settle
+        held, release = threading.Event(), threading.Event()
+
+        def held_settle(batch: object) -> None:
+            held.set()
+            release.wait(timeout=120)
+            settle(batch)  # type: ignore[arg-type]
+        monkeypatch.setattr(worker, "_settle", held_settle)
+        stop = threading.Event()
+        loop = threading.Thread(target=worker.run, args=(stop,))
+        loop.start()
+        try:
+            assert held.wait(timeout=120)
+            # The first batch's results are held back; meanwhile the loop claimed the next two
+            # batches (one scored and waiting to settle, one preprocessing).
+            wait_until(lambda: _count(h, Job, Job.state == JobState.RUNNING) == 6, timeout=120,
+                       what="every job claimed while the first batch settles")
+            assert _count(h, Result) == 0
+            stop.set()  # as the first SIGTERM: claim nothing more, settle what is held
+        finally:
+            release.set()
+            loop.join(timeout=300)
+        assert not loop.is_alive()
+        assert _count(h, Job, Job.state == JobState.DONE, Job.attempts == 1) == 6
+        assert _count(h, Result) == 6
+        assert len(list(h.spool.root.glob("sr/*/*.dcm"))) == 6
 
 
 def test_late_lateral_changes_nothing_and_late_frontal_supersedes_in_the_same_series(
