@@ -1,7 +1,7 @@
 """End-to-end benchmark: single-image studies in, SRs out at a DCMTK storescp PACS.
 
     python -m bench.e2e [--studies 100] [--quiet 1.0] [--bundle DIR] [--workdir bench/out/e2e]
-                        [--summaries both|on|off]
+                        [--summaries both|on|off] [--rate 0.5x,0.9x] [--config-extra TOML]
     python -m bench.e2e --workers 1,2,3 [--database postgres] ...
 
 Pushes each study with its own DCMTK storescu association to `opacityd serve`
@@ -10,7 +10,16 @@ association release to the SR landing at the PACS (p50/p95/max), studies per
 minute, and the worker's images/s as a ratio of the bare network on ready
 tensors (same bundle, batch 8, measured in this script). By default it runs twice, with
 summary images (Grad-CAM and the Secondary Capture) on and off, and prints what a summary
-costs per study in worker time and in inferences.
+costs per study in worker time and in inferences. Each pass also prints where the CPU went,
+in CPU seconds per study: the worker (preprocessing, settling: SRs, summaries, files and result
+rows, and the rest: the network), `serve`, the PACS and the storescu clients, all on this host.
+
+With ``--rate``, further passes push the studies at fixed arrival rates instead of as fast as
+storescu goes: studies/s, or with an ``x`` suffix a fraction of the capacity the burst pass of the
+same run measured (the worker's studies/s), e.g. ``--rate 0.5x,0.9x``. Each prints the latency
+percentiles beside the goal (quiet period + 2 s + one batch at the bare network's rate).
+``--config-extra`` adds TOML lines to the `serve` config's ``[worker]`` table (e.g.
+``inference_threads = 1``).
 
 With ``--workers 1,2,3``, `serve` runs without its embedded worker and each pass starts that
 many `opacityd worker` processes on the same database (``--database postgres``: a throwaway
@@ -22,11 +31,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import resource
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -62,7 +75,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--database", choices=("sqlite", "postgres"), default="sqlite")
     p.add_argument("--summaries", choices=("both", "on", "off"), default="both",
                    help="embedded passes with summary images on and off (default both, side by side)")
+    p.add_argument("--rate", default="",
+                   help="comma-separated arrival rates for further passes: studies/s, or a fraction "
+                        "of the measured capacity with an x suffix (0.5x,0.9x)")
+    p.add_argument("--config-extra", default="",
+                   help="TOML lines added to the [worker] table of serve's config")
     args = p.parse_args(argv)
+    worker_extra = args.config_extra.replace("\\n", "\n")
     workdir = args.workdir.resolve()
     bundle = args.bundle or workdir / "demo-bundle-299"
     if not (bundle / "manifest.json").exists():
@@ -85,11 +104,23 @@ def main(argv: list[str] | None = None) -> int:
     passes = []
     for summaries in modes:
         _progress(f"pass with summary images {'on' if summaries else 'off'} ...")
-        passes.append(embedded_pass(workdir, bundle, study_of, args.quiet, summaries))
+        passes.append(embedded_pass(workdir, bundle, study_of, args.quiet, summaries,
+                                    worker_extra=worker_extra))
+    rate_passes: list[dict[str, Any]] = []
+    for text in filter(None, args.rate.split(",")):
+        for r in passes:
+            rate = (float(text[:-1]) * r["worker_images_per_s"] if text.endswith("x")
+                    else float(text))
+            _progress(f"pass at {rate:.2f} studies/s ({text}), summary images "
+                      f"{'on' if r['summaries'] else 'off'} ...")
+            rate_passes.append({"asked": text, **embedded_pass(
+                workdir, bundle, study_of, args.quiet, bool(r["summaries"]), rate=rate,
+                worker_extra=worker_extra)})
     _progress("measuring the bare network on ready tensors ...")
     bare = _bare_network_rate(bundle)
     print(f"\ne2e: {len(study_of)} single-image studies (512x512 16-bit), quiet period {args.quiet} s, "
-          f"bundle {bundle.name}, embedded worker (batch 8)")
+          f"bundle {bundle.name}, embedded worker (batch 8), {os.cpu_count()} CPUs"
+          + (f", [worker] {worker_extra!r}" if worker_extra else ""))
     print(f"bare network on ready tensors (batch 8): {bare:.2f} images/s, one inference "
           f"{1000 / bare:.0f} ms per image")
     print(f"{'summaries':>9}  {'SRs':>5}  {'summaries':>9}  {'studies/min':>11}  {'worker img/s':>12}  "
@@ -99,10 +130,34 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['studies_per_min']:>11.1f}  {r['worker_images_per_s']:>12.2f}  "
               f"{r['worker_images_per_s'] / bare:>7.2f}  {r['p50_s']:>6.2f}  {r['p95_s']:>6.2f}  "
               f"{r['max_s']:>6.2f}")
+    print("CPU seconds per study on this host (worker: preprocess / settle = SRs, summaries, "
+          "files, rows / the rest = the network):")
+    print(f"{'pass':>14}  {'worker':>6}  {'prep':>5}  {'settle':>6}  {'rest':>5}  {'serve':>5}  "
+          f"{'PACS':>5}  {'storescu':>8}  {'all':>5}")
+    for r in passes + rate_passes:
+        label = f"{'on' if r['summaries'] else 'off'}" + (f" @{r['asked']}" if "asked" in r else "")
+        print(f"{label:>14}  {r['cpu_worker']:>6.3f}  {r['cpu_preprocess']:>5.3f}  "
+              f"{r['cpu_settle']:>6.3f}  {r['cpu_network_and_rest']:>5.3f}  {r['cpu_serve']:>5.3f}  "
+              f"{r['cpu_pacs']:>5.3f}  {r['cpu_storescu']:>8.3f}  {r['cpu_all']:>5.3f}")
+    goal = args.quiet + 2 + 8 / bare
+    if rate_passes:
+        print(f"fixed arrival rates (goal at half capacity: p95 <= quiet {args.quiet} s + 2 s + one "
+              f"batch of 8 at the bare rate {8 / bare:.2f} s = {goal:.2f} s):")
+        print(f"{'summaries':>9}  {'asked':>6}  {'studies/s':>9}  {'pushed/s':>8}  {'SRs':>5}  "
+              f"{'p50 s':>6}  {'p95 s':>6}  {'max s':>6}")
+        for r in rate_passes:
+            print(f"{'on' if r['summaries'] else 'off':>9}  {r['asked']:>6}  {r['rate']:>9.2f}  "
+                  f"{r['pushed_per_s']:>8.2f}  {r['srs']:>5.0f}  {r['p50_s']:>6.2f}  "
+                  f"{r['p95_s']:>6.2f}  {r['max_s']:>6.2f}")
     headline: dict[str, object] = {"bench": "e2e", "studies": len(study_of),
+                                   "cpus": os.cpu_count(), "worker_config": worker_extra,
                                    "bare_images_per_s": round(bare, 3),
-                                   "passes": [{k: round(float(v), 3) for k, v in r.items()}
-                                              for r in passes]}
+                                   "worker_vs_bare": [round(r["worker_images_per_s"] / bare, 3)
+                                                      for r in passes],
+                                   "passes": [_rounded(r) for r in passes]}
+    if rate_passes:
+        headline.update(latency_goal_s=round(goal, 3),
+                        rate_passes=[_rounded(r) for r in rate_passes])
     if len(passes) == 2:
         on, off = passes
         extra = 1 / on["worker_images_per_s"] - 1 / off["worker_images_per_s"]
@@ -115,24 +170,51 @@ def main(argv: list[str] | None = None) -> int:
         headline.update(summary_cost_ms=round(extra * 1000, 1),
                         summary_cost_inferences=round(extra * bare, 3))
     print(json.dumps(headline))
-    return 0 if all(r["srs"] == len(study_of) for r in passes) else 1
+    return 0 if all(r["srs"] == len(study_of) for r in passes + rate_passes) else 1
+
+
+def _rounded(r: Mapping[str, object]) -> dict[str, object]:
+    return {k: round(float(v), 3) if isinstance(v, int | float) else v for k, v in r.items()}
+
+
+def _cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) a live process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def embedded_pass(workdir: Path, bundle: Path, study_of: dict[str, Path], quiet: float,
-                  summaries: bool) -> dict[str, float]:
-    """One pass through `serve` with its embedded worker, summary images on or off."""
-    run = workdir / f"run-{int(time.time())}-summaries-{'on' if summaries else 'off'}"
-    pacs, pacs_dir, cfg, port = start_pacs(run, quiet, bundle, embedded=True, summaries=summaries)
+                  summaries: bool, rate: float | None = None,
+                  worker_extra: str = "") -> dict[str, float]:
+    """One pass through `serve` with its embedded worker, summary images on or off; the studies
+    pushed as fast as storescu goes, or at ``rate`` studies/s."""
+    run = workdir / (f"run-{int(time.time())}-summaries-{'on' if summaries else 'off'}"
+                     + (f"-rate-{rate:.2f}" if rate else ""))
+    pacs, pacs_dir, cfg, port = start_pacs(run, quiet, bundle, embedded=True, summaries=summaries,
+                                           worker_extra=worker_extra)
     log = (run / "daemon.log").open("wb")
     daemon = subprocess.Popen([OPACITYD, "--config", str(cfg), "serve"], stdout=log,
                               stderr=subprocess.STDOUT)
     try:
         wait_for_worker(run / "daemon.log", daemon)
-        released, arrived, started, finished = push_and_collect(study_of, port, pacs_dir)
+        worker_pid = next(json.loads(line)["pid"] for line in (run / "daemon.log").read_text()
+                          .splitlines() if '"worker_process_started"' in line)
+        cpu_before = {"serve": _cpu_s(daemon.pid), "worker": _cpu_s(worker_pid),
+                      "pacs": _cpu_s(pacs.pid), "storescu": _children_cpu_s()}
+        released, arrived, started, finished = push_and_collect(study_of, port, pacs_dir, rate)
         if summaries:  # the summary follows its SR: wait for the last ones (1 min at most)
             deadline = time.monotonic() + 60
             while len(list(pacs_dir.glob("SC*"))) < len(arrived) and time.monotonic() < deadline:
                 time.sleep(0.1)
+        cpu = {"serve": _cpu_s(daemon.pid) - cpu_before["serve"],
+               "worker": _cpu_s(worker_pid) - cpu_before["worker"],
+               "pacs": _cpu_s(pacs.pid) - cpu_before["pacs"],
+               "storescu": _children_cpu_s() - cpu_before["storescu"]}
     finally:
         daemon.send_signal(signal.SIGTERM)
         daemon.wait(timeout=120)
@@ -140,15 +222,29 @@ def embedded_pass(workdir: Path, bundle: Path, study_of: dict[str, Path], quiet:
         pacs.wait(timeout=30)
         log.close()
     latencies = np.array([arrived[s] - released[s] for s in arrived if s in released])
-    scored = [json.loads(line) for line in (run / "daemon.log").read_text().splitlines()
-              if line.startswith("{") and '"study_scored"' in line]
+    events = [json.loads(line) for line in (run / "daemon.log").read_text().splitlines()
+              if line.startswith("{")]
+    scored = [e for e in events if e["event"] == "study_scored"]
+    stopped: dict[str, Any] = next((e for e in events if e["event"] == "worker_stopped"), {})
+    split: dict[str, float] = stopped.get("cpu_s") or {}
+    process_cpu = split.get("process") or float("nan")
+    n = max(len(arrived), 1)
     stamps = sorted(time.mktime(time.strptime(e["timestamp"][:19], "%Y-%m-%dT%H:%M:%S"))
                     + float("0." + e["timestamp"][20:26]) for e in scored)
     worker_rate = (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else float("nan")
     made = [float(e["summary_ms"]) for e in scored if e.get("summary") and "summary_ms" in e]
-    return {"summaries": float(summaries), "srs": len(arrived),
+    pushes = sorted(released.values())
+    return {"summaries": float(summaries), "rate": rate or 0.0,
+            "pushed_per_s": (len(pushes) - 1) / (pushes[-1] - pushes[0]) if len(pushes) > 1 else 0.0,
+            "srs": len(arrived),
             "summary_images": len(list(pacs_dir.glob("SC*"))),
             "summary_ms_p50": float(np.median(made)) if made else 0.0,
+            "cpu_worker": cpu["worker"] / n, "cpu_serve": cpu["serve"] / n,
+            "cpu_pacs": cpu["pacs"] / n, "cpu_storescu": cpu["storescu"] / n,
+            "cpu_all": sum(cpu.values()) / n,
+            # the worker's own split covers its whole run; scaled to the pass's worker CPU
+            **{f"cpu_{stage}": split.get(stage, float("nan")) / process_cpu * cpu["worker"] / n
+               for stage in ("preprocess", "settle", "network_and_rest")},
             "studies_per_min": len(arrived) / (finished - started) * 60,
             "worker_images_per_s": worker_rate,
             "p50_s": float(np.percentile(latencies, 50)) if len(latencies) else float("nan"),
@@ -157,7 +253,8 @@ def embedded_pass(workdir: Path, bundle: Path, study_of: dict[str, Path], quiet:
 
 
 def start_pacs(run: Path, quiet: float, bundle: Path, *, embedded: bool, database_url: str = "",
-               summaries: bool = True) -> tuple[subprocess.Popen[bytes], Path, Path, int]:
+               summaries: bool = True, worker_extra: str = ""
+               ) -> tuple[subprocess.Popen[bytes], Path, Path, int]:
     """A DCMTK storescp PACS in ``run/pacs`` and a `serve` config that delivers to it;
     returns (the PACS process, its folder, the config, the receiver's port)."""
     pacs_dir = run / "pacs"
@@ -168,21 +265,26 @@ def start_pacs(run: Path, quiet: float, bundle: Path, *, embedded: bool, databas
     extra = (f'[[destinations]]\nname = "pacs"\nhost = "127.0.0.1"\nport = {pacs_port}\n'
              'called_ae = "PACS"\n[delivery]\npoll_interval_s = 0.1\n'
              f'[worker]\nembedded = {str(embedded).lower()}\npoll_interval_s = 0.1\nbatch_size = 8\n'
+             f'{worker_extra}\n'
              f'[summary]\nenabled = {str(summaries).lower()}\n')
     cfg = write_config(run / "d", extra, port=port, quiet_s=quiet, bundle=bundle,
                        database_url=database_url)
     return pacs, pacs_dir, cfg, port
 
 
-def push_and_collect(study_of: dict[str, Path], port: int, pacs_dir: Path
+def push_and_collect(study_of: dict[str, Path], port: int, pacs_dir: Path, rate: float | None = None
                      ) -> tuple[dict[str, float], dict[str, float], float, float]:
-    """Each study in its own storescu association, then wait for every SR (10 min at most);
-    returns (release times, SR arrival times, start, finish)."""
+    """Each study in its own storescu association (as fast as they go, or the i-th at
+    ``i / rate`` s), then wait for every SR (10 min at most); returns (release times, SR arrival
+    times, start, finish)."""
     released: dict[str, float] = {}
     arrived: dict[str, float] = {}
     seen: set[str] = set()
     started = time.monotonic()
     for i, (study_uid, path) in enumerate(study_of.items()):
+        while rate and time.monotonic() < started + i / rate:
+            collect_srs(pacs_dir, arrived, seen)
+            time.sleep(min(0.02, max(0.0, started + i / rate - time.monotonic())))
         subprocess.run([STORESCU, "-aec", "OPACITYD", "127.0.0.1", str(port), str(path)],
                        env=DCMTK_ENV, check=True, capture_output=True)
         released[study_uid] = time.monotonic()
