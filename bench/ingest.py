@@ -49,6 +49,12 @@ class Run:
     megabytes: float
     acked: int
     held: int | None
+    cpu_s: float | None = None
+    """CPU seconds the receiver's processes (and their children) spent during the push."""
+
+    @property
+    def cpu_ms_per_file(self) -> float:
+        return float("nan") if self.cpu_s is None else 1000 * self.cpu_s / self.files
 
     @property
     def rate(self) -> float:
@@ -89,6 +95,21 @@ def _wait_echo(port: int, aec: str, proc: subprocess.Popen[bytes]) -> None:
     raise RuntimeError(f"{aec} receiver did not answer C-ECHO")
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of ``pid`` and its live children (Linux /proc)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        fields = text[text.rindex(")") + 2:].split()
+        if stat.parent.name == str(pid) or fields[1] == str(pid):
+            total += int(fields[11]) + int(fields[12])
+    return total / tick
+
+
 def _push(port: int | list[int], aec: str, files: list[Path], associations: int) -> tuple[float, int]:
     """``associations`` storescu processes at once, each with every n-th file; with several
     ``port``s, association i goes to port i modulo their number."""
@@ -110,11 +131,13 @@ def _run_reference(name: str, argv: list[str], aec: str, port: int, files: list[
     proc = subprocess.Popen(argv, env=DCMTK_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         _wait_echo(port, aec, proc)
+        cpu = _cpu_seconds(proc.pid)
         seconds, acked = _push(port, aec, files, associations)
+        cpu = _cpu_seconds(proc.pid) - cpu
     finally:
         proc.terminate()
         proc.wait(timeout=30)
-    return Run(name, associations, seconds, len(files), megabytes, acked, None)
+    return Run(name, associations, seconds, len(files), megabytes, acked, None, cpu)
 
 
 def run_storescp(workdir: Path, files: list[Path], associations: int, megabytes: float) -> Run:
@@ -192,15 +215,15 @@ def run_fsync_floor(workdir: Path, files: list[Path], associations: int, megabyt
 
 def run_opacityd(workdir: Path, files: list[Path], associations: int, megabytes: float,
                  database_url: str = "", processes: int = 1, receiver_processes: int = 1) -> Run:
-    """``processes`` `serve` processes (embedded worker off when more than one, so that only
-    receiving is measured) sharing one state folder and the database at ``database_url``
+    """``processes`` `serve` processes (embedded worker off, so that only receiving is
+    measured) sharing one state folder and the database at ``database_url``
     (empty: SQLite in the state folder); each with ``receiver.processes = receiver_processes``."""
     folder = workdir / "opacityd"
     shutil.rmtree(folder, ignore_errors=True)
     bundle = _demo_bundle(workdir)
     ports = [free_port() for _ in range(processes)]
-    extra = f"processes = {receiver_processes}\n"
-    extra += "[worker]\nembedded = false\n" if processes > 1 else ""
+    # Receiving only: no worker loading the model or scoring studies beside the receiver.
+    extra = f"processes = {receiver_processes}\n[worker]\nembedded = false\n"
     procs: list[subprocess.Popen[bytes]] = []
     try:
         for i, port in enumerate(ports):
@@ -211,7 +234,16 @@ def run_opacityd(workdir: Path, files: list[Path], associations: int, megabytes:
                                               stderr=subprocess.STDOUT))
         for port, proc in zip(ports, procs, strict=True):
             _wait_echo(port, "OPACITYD", proc)
+        for i in range(processes):  # every receiver process listens (not only the first)
+            log_text = lambda i=i: (folder / f"serve{i}.log").read_text()  # noqa: E731
+            deadline = time.monotonic() + 60
+            while log_text().count('"event": "receiver_listening"') < receiver_processes:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"serve{i}: not all {receiver_processes} receivers listen")
+                time.sleep(0.1)
+        cpu = sum(_cpu_seconds(proc.pid) for proc in procs)
         seconds, acked = _push(ports, "OPACITYD", files, associations)
+        cpu = sum(_cpu_seconds(proc.pid) for proc in procs) - cpu
     finally:
         for proc in procs:
             proc.send_signal(signal.SIGTERM)
@@ -228,7 +260,7 @@ def run_opacityd(workdir: Path, files: list[Path], associations: int, megabytes:
             held = db.execute(held_sql).fetchone()[0]
     name = "opacityd" if processes == 1 else f"opacityd x{processes}"
     name += f" rp{receiver_processes}" if receiver_processes > 1 else ""
-    return Run(name, associations, seconds, len(files), megabytes, acked, held)
+    return Run(name, associations, seconds, len(files), megabytes, acked, held, cpu)
 
 
 def compare_engines(workdir: Path, files: list[Path], megabytes: float, repeat: int,
@@ -364,6 +396,17 @@ def main(argv: list[str] | None = None) -> int:
                      f"rp{n}_vs_storescp": round(multi.rate / ref.rate, 3),
                      "best_vs_orthanc": round(vs_orthanc, 3) if other is not None else None,
                      "best_vs_fsync_floor": round(best.rate / durable.rate, 3)})
+    print(f"\nCPU ms per file (the receiver's processes, during the push; {os.cpu_count()} CPUs)")
+    print(f"{'assoc':>5}  {'storescp':>8}  {'null':>6}  {'opacityd':>8}  {f'rp{n}':>6}")
+    cpu_rows = []
+    for ref, floor, _other, _durable, ours, multi in results:
+        print(f"{ours.associations:>5}  {ref.cpu_ms_per_file:>8.2f}  {floor.cpu_ms_per_file:>6.2f}  "
+              f"{ours.cpu_ms_per_file:>8.2f}  {multi.cpu_ms_per_file:>6.2f}")
+        cpu_rows.append({"associations": ours.associations,
+                         "storescp": round(ref.cpu_ms_per_file, 2),
+                         "null": round(floor.cpu_ms_per_file, 2),
+                         "opacityd": round(ours.cpu_ms_per_file, 2),
+                         f"opacityd_rp{n}": round(multi.cpu_ms_per_file, 2)})
     print("storescp (--fork) writes without fsync; pynetdicom-null acknowledges and discards; "
           "Orthanc stores with its default (durable) settings; fsync-floor copies the files with "
           "fsync and no network; opacityd fsyncs file and folder and commits a row before each "
@@ -371,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
           "better opacityd run.")
     print(f"acknowledged but not held by opacityd: {lost}")
     print(json.dumps({"bench": "ingest", "database": "sqlite", "files": len(files), "lost": lost,
-                      "runs": rows}))
+                      "runs": rows, "cpu_ms_per_file": cpu_rows}))
     return 1 if lost else 0
 
 

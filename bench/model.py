@@ -113,6 +113,19 @@ def _pillow_reduced(frame: bytes, reduce: int) -> np.ndarray:
         return np.asarray(im)
 
 
+def _opj_threads(threads: int, decode: Callable[[], object]) -> object:
+    """``decode()`` with OpenJPEG (under Pillow) on ``threads`` threads (OPJ_NUM_THREADS)."""
+    before = os.environ.get(fast_decode.OPJ_THREADS)
+    os.environ[fast_decode.OPJ_THREADS] = str(threads)
+    try:
+        return decode()
+    finally:
+        if before is None:
+            del os.environ[fast_decode.OPJ_THREADS]
+        else:
+            os.environ[fast_decode.OPJ_THREADS] = before
+
+
 def _decoders(label: str, datasets: Sequence[pydicom.Dataset], frames: list[bytes], size: int
               ) -> dict[str, Callable[[int], object]]:
     """The libraries timed for one syntax: each decodes image ``i``'s first frame."""
@@ -126,7 +139,10 @@ def _decoders(label: str, datasets: Sequence[pydicom.Dataset], frames: list[byte
             "imagecodecs 1 thread": lambda i: imagecodecs.jpeg2k_decode(frames[i], numthreads=1),
             f"imagecodecs {threads} threads":
                 lambda i: imagecodecs.jpeg2k_decode(frames[i], numthreads=threads),
-            f"Pillow reduce {reduce}": lambda i: _pillow_reduced(frames[i], reduce)}
+            f"Pillow reduce {reduce}, 1 thread":
+                lambda i: _opj_threads(1, lambda: _pillow_reduced(frames[i], reduce)),
+            f"Pillow reduce {reduce}, {threads} threads":
+                lambda i: _opj_threads(threads, lambda: _pillow_reduced(frames[i], reduce))}
     elif label == JPEG_LL:
         libraries |= {"imagecodecs jpeg8 (libjpeg-turbo)": lambda i: imagecodecs.jpeg8_decode(frames[i]),
                       "imagecodecs ljpeg (liblj92)": lambda i: imagecodecs.ljpeg_decode(frames[i])}

@@ -24,6 +24,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from types import FrameType
 
 import structlog
@@ -34,7 +35,6 @@ from daemon.dicom.receiver import Receiver
 from daemon.disk import DiskGuard
 from daemon.exceptions import SpoolError
 from daemon.spool import Spool
-from daemon.web.health import Check
 from db.engine import check_reachable, create_db_engine, make_session_factory
 
 log = structlog.get_logger("opacityd.receivers")
@@ -62,10 +62,19 @@ def run_receiver(config: Config) -> int:
         log.error("listen_failed", dicom_port=config.receiver.port, error=str(e))
         engine.dispose()
         return 1
+    marker = listening_marker(config, os.getpid())
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.touch()
     stop.wait()
     receiver.stop(config.receiver.shutdown_grace_s)
+    marker.unlink(missing_ok=True)
     engine.dispose()
     return 0
+
+
+def listening_marker(config: Config, pid: int) -> Path:
+    """Written by a receiver process once it listens; serve reads it for READY and /readyz."""
+    return config.state_dir / "run" / f"receiver-{pid}.listening"
 
 
 class ReceiverProcesses:
@@ -84,6 +93,9 @@ class ReceiverProcesses:
         self.procs: list[subprocess.Popen[bytes] | None] = [None] * count
         self.restart_at: list[float | None] = [None] * count
         self.restarts = 0
+        run_dir = config.state_dir / "run"
+        for stale in run_dir.glob("receiver-*.listening") if run_dir.is_dir() else ():
+            stale.unlink(missing_ok=True)  # of receivers killed with an earlier serve
         for slot in range(count):
             self._start(slot)
 
@@ -103,6 +115,7 @@ class ReceiverProcesses:
         for slot, proc in enumerate(self.procs):
             if proc is not None and (code := proc.poll()) is not None:
                 self.procs[slot] = None
+                listening_marker(self.config, proc.pid).unlink(missing_ok=True)
                 files = remove_stale(self.config.spool_dir, proc.pid)
                 log.error("receiver_process_exited", pid=proc.pid, code=code,
                           incoming_files_removed=files)
@@ -112,11 +125,10 @@ class ReceiverProcesses:
                 self.restarts += 1
                 self._start(slot)
 
-    def health(self) -> Check:
-        running = sum(1 for p in self.procs if p is not None and p.poll() is None)
-        detail = f"{running + 1} of {len(self.procs) + 1} receiver processes running; " \
-                 f"{self.restarts} restarts"
-        return Check(running == len(self.procs), detail)
+    def listening(self) -> bool:
+        """Whether every child runs and listens (its :func:`listening_marker` is there)."""
+        return all(p is not None and p.poll() is None
+                   and listening_marker(self.config, p.pid).exists() for p in self.procs)
 
     def terminate(self) -> None:
         """SIGTERM every child: each stops accepting and drains, as serve's receiver does."""

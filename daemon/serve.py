@@ -258,7 +258,7 @@ def _run_until_stopped(stop: threading.Event, worker: WorkerSupervisor | None,
             receivers.check()
         if not ready:
             model = health.model_loaded()
-            if model.ok:
+            if model.ok and health.receiver_listening():
                 ready = True
                 notify("READY=1\nSTATUS=serving")
                 log.info("ready", model=model.detail)
@@ -314,13 +314,17 @@ def serve(config: Config) -> int:
     scheduler = build_scheduler(config, sessions, spool)
     scheduler.start()
     worker = WorkerSupervisor(config, sessions, metrics.registry) if config.worker.embedded else None
-    health = Health(sessions, disk, lambda: bool(scheduler.running), lambda: receiver.server is not None,
+    receivers: ReceiverProcesses | None = None
+
+    def listening() -> bool:
+        return receiver.server is not None and (receivers is None or receivers.listening())
+
+    health = Health(sessions, disk, lambda: bool(scheduler.running), listening,
                     worker.model_loaded if worker is not None
                     else lambda: Check(True, "separate worker services; bundle manifest valid"),
                     worker=worker.health if worker is not None else None,
                     receiver_slots=lambda: slots_check(receiver.server))
     http = HttpApi(config, sessions, health, metrics) if config.http.enabled else None
-    receivers: ReceiverProcesses | None = None
     try:
         receiver.start()
         if config.receiver.processes > 1:

@@ -65,6 +65,7 @@ from db.jobs import FailureReason
 from model.device import configure_threads
 from model.durable import fsync_dir
 from model.errors import BundleError, PreprocessError
+from model.fast_decode import cpus, set_decoder_threads
 from model.gradcam import GradCam
 from model.predictor import Predictor
 from model.preprocess import PreprocessSpec, displayed, preprocess, read_dicom
@@ -920,7 +921,9 @@ def run_worker(config: Config) -> int:
     check_reachable(engine)  # raises DatabaseUnreachable: cli.main says so and exits 2
     threads = configure_threads(config.worker.inference_threads or os.cpu_count() or 1,
                                 config.worker.inference_inter_op_threads)
-    log.info("inference_threads", preprocess=config.worker.threads, cpus=os.cpu_count(), **threads)
+    decode = set_decoder_threads(cpus() // config.worker.threads)
+    log.info("inference_threads", preprocess=config.worker.threads, decode_per_image=decode,
+             cpus=os.cpu_count(), **threads)
     predictor = Predictor(Path(config.model.bundle), warm_up_batch=1)
     try:
         worker = Worker(config, make_session_factory(engine), predictor, Spool(config.spool_dir))

@@ -70,3 +70,27 @@ def exclusive(engine: Engine, name: str) -> Iterator[bool]:
             fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)
+
+
+@contextmanager
+def sqlite_writers_queue(engine: Engine, name: str) -> Iterator[None]:
+    """On SQLite, wait for the lock ``name`` (``flock`` on a file beside the database) for the
+    block; on other databases, nothing.
+
+    For writers of several processes that would otherwise meet on SQLite's write lock, whose
+    busy handler sleeps 1, 2, 5, 10 ... ms between tries: the kernel wakes the next process
+    waiting on the ``flock`` as soon as it is released. Raises OSError when the lock file
+    cannot be opened."""
+    database = engine.url.database
+    if engine.dialect.name != "sqlite" or not database or database == ":memory:":
+        yield
+        return
+    fd = os.open(f"{database}.{name}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)

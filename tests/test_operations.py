@@ -351,7 +351,7 @@ def test_watchdog_pings_stop_while_the_service_is_unhealthy(tmp_path: Path,
                         lambda: running["ok"] or bool(scheduler.running),
                         lambda: h.receiver.server is not None, lambda: Check(True, "loaded"))
         stop = threading.Event()
-        loop = threading.Thread(target=_run_until_stopped, args=(stop, None, health))
+        loop = threading.Thread(target=_run_until_stopped, args=(stop, None, None, health))
         loop.start()
         try:
             messages = [notify.next() for _ in range(3)]

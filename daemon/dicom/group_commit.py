@@ -10,6 +10,10 @@ bytes and row are durable, and one commit (one WAL fsync) covers several instanc
 Before, each association's thread ran its own transaction; under parallel associations they
 queued on SQLite's write lock, whose busy handler sleeps 1, 2, 5, 10 ... ms between tries.
 
+With several receiver processes on SQLite, their writers queue on an ``flock`` beside the
+database before they begin (:func:`db.locks.sqlite_writers_queue`), so the next one starts as
+soon as the last commits instead of after SQLite's busy-handler sleeps.
+
 A record whose file cannot be placed (a full disk) fails alone: its savepoint is rolled back
 and the others commit. A database failure fails the whole batch with 0xA700; after a COMMIT
 that raised, each record's placed file is kept only where a committed row points to it.
@@ -26,6 +30,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import structlog
+from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -34,6 +39,7 @@ from daemon.exceptions import SpoolError, SpoolFullError
 from daemon.spool import Spool
 from db import queue
 from db.engine import read_only
+from db.locks import sqlite_writers_queue
 
 log = structlog.get_logger("opacityd.receiver")
 
@@ -75,6 +81,9 @@ class GroupCommitter:
                  policy: queue.DuplicatePolicy, max_batch: int = 64,
                  clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
         self.sessions = sessions
+        bind = sessions.kw.get("bind")
+        assert isinstance(bind, Engine), "the session factory is bound to one engine"
+        self.engine = bind
         self.spool = spool
         self.policy = policy
         self.max_batch = max_batch
@@ -145,7 +154,7 @@ class GroupCommitter:
         committing = False
         now = self.clock()
         try:
-            with self.sessions() as session:
+            with sqlite_writers_queue(self.engine, "receivers"), self.sessions() as session:
                 with session.begin():
                     for pending in batch:
                         self._record_one(session, pending, now)
