@@ -47,6 +47,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from daemon.config import Config
 from daemon.dicom.sanitize import Repair, sanitized
+from daemon.pids import pid_alive
 from daemon.results.report import (
     ImageOutcome,
     build_sr,
@@ -867,16 +868,6 @@ def _prepare(path: Path, spec: PreprocessSpec) -> _Prepared:
     return clean.dataset, array, refusal, notes, clean.repairs
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # another user's process: alive
-    return True
-
-
 def release_dead_local_leases(sessions: sessionmaker[Session], max_attempts: int) -> None:
     """At start: jobs still RUNNING under a worker of this host whose process is gone (the
     previous worker, killed; systemd restarted this one) go back to the queue at once, instead
@@ -888,7 +879,7 @@ def release_dead_local_leases(sessions: sessionmaker[Session], max_attempts: int
             owners = jobs.running_owners(session, f"{host}:")
         dead = {int(parts[1]) for owner in owners
                 if len(parts := owner.split(":")) >= 3 and parts[1].isdigit()
-                and not _pid_alive(int(parts[1]))}
+                and not pid_alive(int(parts[1]))}
         for pid in sorted(dead):
             with unit_of_work(sessions) as session:
                 requeued, abandoned = jobs.release_leases(
