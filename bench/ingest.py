@@ -19,6 +19,7 @@ PostgreSQL database and one spool (instances/s and the scaling factor against on
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -34,7 +35,7 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from model.durable import fsync_dir
+from model.durable import write_durably
 from tests.conftest import DCMTK_ENV, ECHOSCU, OPACITYD, STORESCP, STORESCU, free_port, write_config
 from tests.factories import write_series
 from tests.pg import PostgresCluster, available
@@ -190,19 +191,9 @@ def run_fsync_floor(workdir: Path, files: list[Path], associations: int, megabyt
     out.mkdir(parents=True)
 
     def copy(chunk: list[Path]) -> int:
-        for n, path in enumerate(chunk):
-            data = path.read_bytes()
-            temp, final = out / f".{path.name}.{n}.tmp", out / f"{path.parent.name}-{path.name}"
-            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view):]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.rename(temp, final)
-            fsync_dir(out)
+        for path in chunk:
+            write_durably(out / f"{path.parent.name}-{path.name}",
+                          functools.partial(Path.write_bytes, data=path.read_bytes()))
         return len(chunk)
 
     chunks = [files[i::associations] for i in range(associations)]
