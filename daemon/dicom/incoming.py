@@ -64,7 +64,8 @@ def remove_stale(spool_root: Path, pid: int | None = None) -> int:
         owner, _, number = folder.name.rpartition("-")
         if owner != host or not number.isdigit():
             continue
-        if (int(number) != pid) if pid is not None else pid_alive(int(number)):
+        dead = int(number) == pid if pid is not None else not pid_alive(int(number))
+        if not dead:
             continue
         removed += sum(1 for p in folder.iterdir() if p.is_file())
         shutil.rmtree(folder, ignore_errors=True)
@@ -88,11 +89,6 @@ class IncomingFile:
     @property
     def path(self) -> Path:
         return Path(self.name)
-
-    @property
-    def body_offset(self) -> int | None:
-        """Where the data set starts, once the File Meta Information has been written."""
-        return self._body_offset
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         view = memoryview(data).cast("B")

@@ -153,6 +153,16 @@ def _identify(ds: Dataset, requested_sop_class: str, requested_sop_instance: str
     return values
 
 
+def _write_refusal(e: OSError, study_uid: str | None = None, sop_uid: str | None = None
+                   ) -> Refusal:
+    """0xA700 for a received file that could not be written or fsynced."""
+    if e.errno in SPOOL_FULL_ERRNOS:
+        return Refusal(StoreStatus.OUT_OF_RESOURCES, "spool_full", "out of disk space",
+                       study_uid, sop_uid)
+    return Refusal(StoreStatus.OUT_OF_RESOURCES, "spool_error",
+                   f"cannot write spool file: {e.strerror}", study_uid, sop_uid)
+
+
 def _register_storage_class(sop_class: str) -> None:
     """Make pynetdicom treat a configured private or unknown SOP class as a storage class.
 
@@ -330,10 +340,7 @@ class Receiver:
     def _store_received(self, event: Event, calling: str, started: float, request_class: str,
                         incoming: IncomingFile) -> Dataset:
         if incoming.error is not None:
-            full = incoming.error.errno in SPOOL_FULL_ERRNOS
-            raise Refusal(StoreStatus.OUT_OF_RESOURCES, "spool_full" if full else "spool_error",
-                          "out of disk space" if full else
-                          f"cannot write spool file: {incoming.error.strerror}")
+            raise _write_refusal(incoming.error)
         try:
             ds = read_header(incoming.path)
             uids = _identify(ds, request_class, str(
@@ -395,10 +402,7 @@ class Receiver:
         try:
             incoming.sync()
         except OSError as e:
-            full = e.errno in SPOOL_FULL_ERRNOS
-            raise Refusal(StoreStatus.OUT_OF_RESOURCES, "spool_full" if full else "spool_error",
-                          "out of disk space" if full else f"cannot write spool file: {e.strerror}",
-                          study_uid, sop_uid) from e
+            raise _write_refusal(e, study_uid, sop_uid) from e
         return incoming.path
 
     def _record(self, record: queue.InstanceRecord, temp: Path | None) -> queue.Stored:
