@@ -216,13 +216,16 @@ class LeaseRenewer:
             try:
                 with unit_of_work(self.sessions) as session:
                     now = utcnow()
-                    lost = [job_id for job_id in pending
+                    gone = [job_id for job_id in pending
                             if not jobs.renew_lease(session, job_id, self.owner, self.lease, now)]
+                    # A job settled between the snapshot above and its release is not lost.
+                    lost = {job_id for job_id in gone if jobs.taken_over(session, job_id)}
             except Exception:  # the renewal loop's boundary: log, try again next tick
                 log.warning("lease_renewal_failed", jobs=pending, exc_info=True)
                 continue
-            for job_id in lost:
-                log.warning("lease_lost", job_id=job_id, owner=self.owner)
+            for job_id in gone:
+                if job_id in lost:
+                    log.warning("lease_lost", job_id=job_id, owner=self.owner)
                 self.release(job_id)
 
 

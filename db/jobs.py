@@ -163,6 +163,14 @@ def renew_lease(session: Session, job_id: int, owner: str, lease: timedelta, now
     return updated.rowcount == 1
 
 
+def taken_over(session: Session, job_id: int) -> bool:
+    """After :func:`renew_lease` returned False: whether the job waits or runs elsewhere (its
+    lease lapsed and it went back to the queue or to another worker), rather than being
+    settled already (DONE or FAILED, by this worker's finisher a moment ago)."""
+    state = session.scalar(sa.select(Job.state).where(Job.id == job_id))
+    return state in (JobState.QUEUED, JobState.RUNNING)
+
+
 def _abandon(session: Session, job: Job, actor: str, now: datetime, **detail: Any) -> AbandonedJob:
     set_job_state(job, JobState.FAILED, now)
     job.failure_reason = FailureReason.ABANDONED.value
