@@ -20,7 +20,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -29,6 +28,7 @@ from types import FrameType
 
 import structlog
 
+from daemon.children import start_child
 from daemon.config import Config
 from daemon.dicom.incoming import remove_stale
 from daemon.dicom.receiver import Receiver
@@ -80,16 +80,10 @@ def listening_marker(config: Config, pid: int) -> Path:
 class ReceiverProcesses:
     """``count`` child receiver processes, restarted when one dies."""
 
-    def __init__(self, config: Config, count: int, preexec_fn: Callable[[], None],
+    def __init__(self, config: Config, count: int,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
-        self.preexec_fn = preexec_fn
         self.clock = clock
-        self.argv = [sys.executable, "-m", "daemon.cli"]
-        if config.source != "<embedded defaults>":
-            self.argv += ["--config", config.source]
-        self.argv.append("receive")
-        self.env = {**os.environ, "OPACITYD_STATE_DIR": str(config.state_dir)}
         self.procs: list[subprocess.Popen[bytes] | None] = [None] * count
         self.restart_at: list[float | None] = [None] * count
         self.restarts = 0
@@ -102,7 +96,7 @@ class ReceiverProcesses:
     def _start(self, slot: int) -> None:
         self.restart_at[slot] = None
         try:
-            proc = subprocess.Popen(self.argv, env=self.env, preexec_fn=self.preexec_fn)
+            proc = start_child(self.config, "receive", {})
         except OSError as e:
             log.error("receiver_process_not_started", error=type(e).__name__)
             self.restart_at[slot] = self.clock() + RESTART_DELAY_S

@@ -13,13 +13,10 @@ acknowledgement is only sent after the commit.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import os
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -32,6 +29,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
+from daemon.children import start_child
 from daemon.config import Config
 from daemon.dicom.incoming import remove_stale
 from daemon.dicom.receiver import Receiver
@@ -56,17 +54,6 @@ log = structlog.get_logger("opacityd.serve")
 
 EXIT_IMMEDIATE = 130
 EXIT_NO_MODEL = 2
-PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-    """In the child: get SIGTERM when `serve` dies, even by kill -9 (Linux prctl)."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):
-        pass  # not Linux: the orphaned worker is harmless, claims are leased
-
 
 def exit_status(code: int) -> str:
     """A child's exit as an operator reads it: ``exit 1`` or the signal's name (``SIGKILL``)."""
@@ -101,12 +88,6 @@ class WorkerSupervisor:
         run_dir = config.state_dir / "run"
         for stale in run_dir.glob("worker-*.ready") if run_dir.is_dir() else ():
             stale.unlink(missing_ok=True)
-        self.argv = [sys.executable, "-m", "daemon.cli"]
-        if config.source != "<embedded defaults>":
-            self.argv += ["--config", config.source]
-        self.argv.append("worker")
-        self.env = {**os.environ, "OPACITYD_STATE_DIR": str(config.state_dir),
-                    "OPACITYD_MODEL": config.model.bundle}
         self.policy = config.worker.restart
         self.stable_s = config.worker.restart_max_s
         self.host = socket.gethostname()
@@ -127,7 +108,7 @@ class WorkerSupervisor:
     def _start(self) -> None:
         self.started_at = self.clock()
         try:
-            self.proc = subprocess.Popen(self.argv, env=self.env, preexec_fn=_die_with_parent)
+            self.proc = start_child(self.config, "worker", {"OPACITYD_MODEL": self.config.model.bundle})
         except OSError as e:
             self.proc = None
             self._schedule_restart(f"not started: {type(e).__name__}")
@@ -316,7 +297,7 @@ def serve(config: Config) -> int:
     worker = WorkerSupervisor(config, sessions, metrics.registry) if config.worker.embedded else None
     receivers: ReceiverProcesses | None = None
 
-    def listening() -> bool:
+    def listening() -> bool:  # reads ``receivers`` as set below, once serve's receiver listens
         return receiver.server is not None and (receivers is None or receivers.listening())
 
     health = Health(sessions, disk, lambda: bool(scheduler.running), listening,
@@ -328,7 +309,7 @@ def serve(config: Config) -> int:
     try:
         receiver.start()
         if config.receiver.processes > 1:
-            receivers = ReceiverProcesses(config, config.receiver.processes - 1, _die_with_parent)
+            receivers = ReceiverProcesses(config, config.receiver.processes - 1)
         if http is not None:
             http.start()
     except (OSError, SpoolError) as e:

@@ -226,7 +226,7 @@ def _pillow_j2k(frame: bytes, header: Codestream, reduce: int) -> np.ndarray:
     return values
 
 
-def decode_j2k(ds: Dataset, target: int | None, threads: int | None = None) -> np.ndarray | None:
+def decode_j2k(ds: Dataset, target: int | None) -> np.ndarray | None:
     """The first frame of a JPEG 2000 data set, reduced as far as ``target`` allows."""
     frame = first_frame_bytes(ds)
     header = j2k_header(frame)
@@ -239,7 +239,7 @@ def decode_j2k(ds: Dataset, target: int | None, threads: int | None = None) -> n
     if reduce == 0:
         if imagecodecs is None:
             return None
-        values = imagecodecs.jpeg2k_decode(frame, numthreads=threads or default_threads())
+        values = imagecodecs.jpeg2k_decode(frame, numthreads=default_threads())
     else:
         values = _pillow_j2k(frame, header, reduce)
     expected = (-(-header.rows // 2**reduce), -(-header.cols // 2**reduce))

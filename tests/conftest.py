@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -307,6 +308,12 @@ def storescu(port: int, files: list[Path], *args: str, aet: str = "MODALITY",
         capture_output=True, text=True, env=DCMTK_ENV, timeout=timeout,
     )
     return proc, parse_acks(proc.stdout + proc.stderr)
+
+
+def log_events(text: str, name: str) -> list[dict[str, Any]]:
+    """The JSON log events called ``name`` in a process's output ``text``."""
+    return [event for line in text.splitlines() if line.startswith("{")
+            and (event := json.loads(line)).get("event") == name]
 
 
 def parse_acks(output: str) -> dict[Path, str]:

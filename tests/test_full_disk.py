@@ -41,3 +41,26 @@ def test_full_disk_answers_0xA700_leaves_nothing_and_recovers(tmp_path: Path,
         assert len(rows) == 1
         files = [p for p in small_tmpfs.rglob("*") if p.is_file() and p.name != MARKER]
         assert [p.name for p in files] == [f"{rows[0].sop_instance_uid}.dcm"]
+
+
+def test_an_incoming_file_that_cannot_be_created_is_answered_0xA700_and_the_association_goes_on(
+        tmp_path: Path) -> None:
+    with running_receiver(tmp_path) as h:
+        folder = h.receiver.incoming.folder
+        folder.rmdir()
+        folder.write_bytes(b"")  # a file where the receiver's incoming folder was: open() fails
+        ae = AE(ae_title="MODALITY")
+        ae.add_requested_context(DigitalXRayImageStorageForPresentation)
+        assoc = ae.associate("127.0.0.1", h.port, ae_title="OPACITYD")
+        assert assoc.is_established
+        try:
+            refused = assoc.send_c_store(make_dx(256, 256))
+            folder.unlink()
+            folder.mkdir()
+            stored = assoc.send_c_store(make_dx(256, 256))
+        finally:
+            assoc.release()
+        assert refused.Status == 0xA700
+        assert refused.ErrorComment.startswith("cannot write spool file")
+        assert stored.Status == 0x0000
+        assert len(h.query(lambda s: list(s.scalars(sa.select(Instance))))) == 1

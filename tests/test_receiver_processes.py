@@ -8,7 +8,6 @@ is left in transfer.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 from pathlib import Path
@@ -20,7 +19,7 @@ from daemon.config import load_config
 from daemon.spool import INCOMING
 from db.engine import create_db_engine, make_session_factory, unit_of_work
 from db.models import Instance
-from tests.conftest import DCMTK_ENV, STORESCU, parse_acks, require, wait_until
+from tests.conftest import DCMTK_ENV, STORESCU, log_events, parse_acks, require, wait_until
 from tests.daemon_process import DaemonProcess, start_daemon
 from tests.factories import write_series
 
@@ -50,10 +49,6 @@ def _established_on(port: int, pid: int) -> int:
     return count
 
 
-def _events(daemon: DaemonProcess, name: str) -> list[dict[str, object]]:
-    return [json.loads(line) for line in daemon.output().splitlines()
-            if line.startswith("{") and f'"event": "{name}"' in line]
-
 
 def _storescu(port: int, files: list[Path]) -> subprocess.Popen[str]:
     return subprocess.Popen([STORESCU, "-v", "-aet", "MODALITY", "-aec", "OPACITYD", "127.0.0.1",
@@ -66,9 +61,9 @@ def test_kill_9_of_a_receiver_process_and_of_serve_loses_no_acknowledged_instanc
     require(STORESCU)
     daemon, cfg = start_daemon(tmp_path, daemons, "processes = 2", quiet_s=1.0, bundle=demo_bundle)
     port = daemon.port
-    wait_until(lambda: len(_events(daemon, "receiver_process_started")) == 1, timeout=30,
+    wait_until(lambda: len(log_events(daemon.output(), "receiver_process_started")) == 1, timeout=30,
                what="serve to start its second receiver process")
-    child = int(str(_events(daemon, "receiver_process_started")[0]["pid"]))
+    child = int(str(log_events(daemon.output(), "receiver_process_started")[0]["pid"]))
     wait_until(lambda: daemon.output().count('"event": "receiver_listening"') == 2, timeout=30,
                what="both receiver processes to listen")
 
@@ -84,9 +79,9 @@ def test_kill_9_of_a_receiver_process_and_of_serve_loses_no_acknowledged_instanc
             continue
     assert _established_on(port, child) > 0, "no connection reached the child receiver"
     os.kill(child, 9)
-    wait_until(lambda: len(_events(daemon, "receiver_process_started")) == 2, timeout=30,
+    wait_until(lambda: len(log_events(daemon.output(), "receiver_process_started")) == 2, timeout=30,
                what="serve to restart the killed receiver process")
-    exited = _events(daemon, "receiver_process_exited")
+    exited = log_events(daemon.output(), "receiver_process_exited")
     assert [(e["pid"], e["code"]) for e in exited] == [(child, -9)]
 
     late = [write_series(tmp_path / f"late{i}", 150, 256, 256, prefix=f"l{i}") for i in range(2)]

@@ -34,7 +34,7 @@ from daemon.config import Config, load_config
 from db.engine import unit_of_work
 from db.models import AuditEvent, Instance, Job, Result
 from db.states import AuditAction, JobState
-from tests.conftest import Pacs, free_port, mounted_tmpfs, storescu, wait_until
+from tests.conftest import Pacs, free_port, log_events, mounted_tmpfs, storescu, wait_until
 from tests.daemon_process import DaemonProcess, start_daemon
 from tests.factories import SENTINEL_PHI, make_dx
 from tests.worker_process import Db, WorkerProcess
@@ -124,13 +124,7 @@ def _srs_at(pacs: Pacs) -> collections.Counter[str]:
 
 
 def _events(log: Path, name: str) -> list[dict[str, Any]]:
-    events = []
-    for line in log.read_text(errors="replace").splitlines():
-        if line.startswith("{"):
-            event = json.loads(line)
-            if event.get("event") == name:
-                events.append(event)
-    return events
+    return log_events(log.read_text(errors="replace"), name)
 
 
 def _no_phi(*texts: str) -> None:

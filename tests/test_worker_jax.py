@@ -21,7 +21,7 @@ from db.states import JobState
 from model.bundle import load_bundle, save_bundle
 from model.predictor import Predictor
 from model.preprocess import preprocess
-from tests.conftest import Pacs, free_port, storescu, wait_until
+from tests.conftest import Pacs, free_port, log_events, storescu, wait_until
 from tests.daemon_process import DaemonProcess, start_daemon
 from tests.factories import make_dx
 
@@ -39,10 +39,6 @@ def spread_bundle(demo_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -
                 spec=manifest.preprocessing)
     return bundle
 
-
-def _events(log: str, event: str) -> list[dict[str, object]]:
-    return [e for line in log.splitlines() if line.startswith("{")
-            and (e := json.loads(line))["event"] == event]
 
 
 def test_worker_under_jax_scores_studies_as_tensorflow_and_sends_their_srs(
@@ -66,9 +62,9 @@ def test_worker_under_jax_scores_studies_as_tensorflow_and_sends_their_srs(
         wait_until(lambda: len(pacs.srs()) == 3 and len(pacs.summaries()) == 3, timeout=300,
                    what="three SRs and three summaries at the PACS")
         log = daemon.output()
-        (started,) = _events(log, "worker_started")
+        (started,) = log_events(log, "worker_started")
         assert str(started["device"]).startswith("jax:cpu")
-        (threads,) = _events(log, "inference_threads")
+        (threads,) = log_events(log, "inference_threads")
         assert threads["backend"] == "jax" and threads["intra_op"] == 1
         assert {pydicom.dcmread(p).StudyInstanceUID for p in pacs.srs()} == {
             pydicom.dcmread(f, stop_before_pixels=True).StudyInstanceUID for f in files}

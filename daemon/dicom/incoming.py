@@ -84,7 +84,12 @@ class IncomingFile:
         self._head = bytearray()
         self._body_offset: int | None = None
         self._hash = hashlib.sha256()
-        self._fd: int | None = os.open(self.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        self._fd: int | None = None
+        try:
+            self._fd = os.open(self.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        except OSError as e:  # kept like a write error: answered 0xA700 by the handler
+            self.error = e
+        self._created = self._fd is not None
 
     @property
     def path(self) -> Path:
@@ -135,7 +140,8 @@ class IncomingFile:
 
     def discard(self) -> None:
         self.close()
-        Path(self.name).unlink(missing_ok=True)
+        if self._created:
+            Path(self.name).unlink(missing_ok=True)
 
 
 class Incoming:
@@ -147,7 +153,6 @@ class Incoming:
         self._open: dict[str, tuple[Association, IncomingFile]] = {}
 
     def create(self, assoc: Association) -> IncomingFile:
-        self.folder.mkdir(parents=True, exist_ok=True)
         created = IncomingFile(self.folder)
         with self._lock:
             self._open[created.name] = (assoc, created)

@@ -66,6 +66,7 @@ from daemon.dicom.incoming import IncomingFile, incoming_folder, read_header, re
 from daemon.dicom.statuses import StoreStatus, status_dataset
 from daemon.dicom.transport import GuardedAssociationServer, Limits, start_server
 from daemon.disk import DiskGuard
+from daemon.exceptions import SpoolError
 from daemon.spool import SPOOL_FULL_ERRNOS, Spool, is_valid_uid
 from daemon.web.metrics import Metrics
 from db import queue
@@ -227,6 +228,10 @@ class Receiver:
         r = self.config.receiver
         if self.spool.mark():
             log.info("spool_marked", root=str(self.spool.root))
+        try:
+            self.incoming.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise SpoolError(f"cannot make {self.incoming.folder}: {e.strerror}") from e
         self.committer = GroupCommitter(self.sessions, self.spool, r.duplicate_policy)
         self.server = start_server(self.ae, (r.bind_address, r.port), Limits.from_config(r),
                                    self.handlers, _tls_context(self.config), self.metrics,
