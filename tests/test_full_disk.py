@@ -8,12 +8,22 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 from pynetdicom import AE
+from pynetdicom.association import Association
 from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation
 
 from daemon.spool import MARKER
 from db.models import Instance
 from tests.conftest import mounted_tmpfs, running_receiver
 from tests.factories import make_dx
+
+
+def _associate(port: int) -> Association:
+    """One association from a modality, on which each C-STORE gets its own answer."""
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(DigitalXRayImageStorageForPresentation)
+    assoc = ae.associate("127.0.0.1", port, ae_title="OPACITYD")
+    assert assoc.is_established
+    return assoc
 
 
 @pytest.fixture
@@ -26,10 +36,7 @@ def test_full_disk_answers_0xA700_leaves_nothing_and_recovers(tmp_path: Path,
                                                               small_tmpfs: Path) -> None:
     with running_receiver(tmp_path) as h:
         assert h.spool.root == small_tmpfs
-        ae = AE(ae_title="MODALITY")
-        ae.add_requested_context(DigitalXRayImageStorageForPresentation)
-        assoc = ae.associate("127.0.0.1", h.port, ae_title="OPACITYD")
-        assert assoc.is_established
+        assoc = _associate(h.port)
         try:
             too_big = assoc.send_c_store(make_dx(2500, 2048))
             fits = assoc.send_c_store(make_dx(256, 256))
@@ -49,10 +56,7 @@ def test_an_incoming_file_that_cannot_be_created_is_answered_0xA700_and_the_asso
         folder = h.receiver.incoming.folder
         folder.rmdir()
         folder.write_bytes(b"")  # a file where the receiver's incoming folder was: open() fails
-        ae = AE(ae_title="MODALITY")
-        ae.add_requested_context(DigitalXRayImageStorageForPresentation)
-        assoc = ae.associate("127.0.0.1", h.port, ae_title="OPACITYD")
-        assert assoc.is_established
+        assoc = _associate(h.port)
         try:
             refused = assoc.send_c_store(make_dx(256, 256))
             folder.unlink()
